@@ -1,0 +1,867 @@
+"""SmolLM2-DeepSeek: SmolLM2-135M's shape rebuilt with DeepSeek-V3's Multi-head Latent Attention (MLA) and a
+Mixture-of-Experts with auxiliary-loss-free load balancing.
+
+One readable file in the spirit of nanoGPT and DeepSeek-V3's inference/model.py. Weights and config.json follow the
+Hugging Face `deepseek_v3` format, so `transformers.AutoModelForCausalLM` loads our checkpoints with the same logits.
+
+    from model import SmolLM2DeepSeek, ModelConfig
+    model = SmolLM2DeepSeek(ModelConfig.from_yaml("config_smollm2_135.yaml"))
+    logits = model(input_ids)                      # [B, T, V]
+    _, loss = model(input_ids, targets=targets)    # chunked cross-entropy, no [B, T, V] tensor kept
+    for step in model.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50, return_routing=True): ...
+
+Shapes: B batch, T tokens, d hidden, n heads, dn/dr/dv nope/rope/value head dims, dc latent (kv_lora_rank),
+E routed experts, K experts per token, I expert intermediate size, V vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or has a bad value; the message names the key."""
+
+
+def dataclass_from_dict(cls, values: dict, where: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type by name.
+
+    The one config loader of the project: ModelConfig here and TrainConfig in train.py both go through it.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        ok = any(_value_has_type(value, t) for t in allowed)
+        if not ok:
+            names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+            raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _value_has_type(value, t) -> bool:
+    if t is type(None):
+        return value is None
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:  # YAML writes 1e-3 as a string only without a dot; accept ints for floats
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+def read_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with 'model:' (and 'train:') sections")
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; expected 'model' and 'train'")
+    return data
+
+
+@dataclass
+class ModelConfig:
+    """The model's shape. Field names are those of transformers' DeepseekV3Config so config.json maps 1:1."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536  # dense SwiGLU layers (< first_k_dense_replace)
+    moe_intermediate_size: int = 512  # each routed / shared expert
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    # MLA
+    q_lora_rank: int | None = None  # None: plain q_proj (right for a model this small, as DeepSeek-V2-Lite)
+    kv_lora_rank: int = 128  # dc: the cached latent
+    qk_nope_head_dim: int = 48
+    qk_rope_head_dim: int = 16  # dr: the one rope key shared by all heads, cached too
+    v_head_dim: int = 64
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True
+    max_position_embeddings: int = 2048
+    # MoE
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    # Auxiliary-loss-free balancing and optional router extras (ours; transformers ignores them)
+    bias_update_speed: float = 1e-3  # gamma in b_i += gamma * sign(mean(c) - c_i)
+    aux_loss_alpha: float = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20); 0 = off
+    router_z_loss_coef: float = 0.0  # 0 = off
+    router_jitter: float = 0.0  # multiplicative input noise for the gate in training; 0 = off
+    # Misc
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "max_position_embeddings", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
+                    "rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"key '{key}' must be > 0, got {getattr(self, key)!r}")
+        nonnegative = ["n_shared_experts", "first_k_dense_replace", "bias_update_speed", "aux_loss_alpha",
+                       "router_z_loss_coef", "router_jitter"]
+        for key in nonnegative:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)!r}")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ConfigError(f"key 'q_lora_rank' must be > 0 or null, got {self.q_lora_rank!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"key 'qk_rope_head_dim' must be even (rope rotates pairs), got {self.qk_rope_head_dim}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ConfigError(f"key 'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
+                              f"n_routed_experts ({self.n_routed_experts})")
+        if self.n_routed_experts % self.n_group:
+            raise ConfigError(f"key 'n_group' ({self.n_group}) must divide n_routed_experts ({self.n_routed_experts})")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"key 'topk_group' ({self.topk_group}) must be <= n_group ({self.n_group})")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            raise ConfigError("key 'n_group': group-limited routing scores each group by its top-2 experts, "
+                              "so every group needs >= 2 experts")
+        if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            raise ConfigError("key 'num_experts_per_tok' exceeds the experts in the topk_group chosen groups")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ConfigError(f"key 'first_k_dense_replace' ({self.first_k_dense_replace}) must be <= "
+                              f"num_hidden_layers ({self.num_hidden_layers})")
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"]:
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"key '{key}' must be a token id in [0, vocab_size), got {value!r}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def kv_cache_values_per_token(self) -> int:
+        """Values cached per token per layer: the normalised latent and the roped shared key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "model config") -> "ModelConfig":
+        return dataclass_from_dict(cls, values, where)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "ModelConfig":
+        data = read_yaml(path)
+        if "model" not in data:
+            raise ConfigError(f"{path}: missing the 'model:' section")
+        return cls.from_dict(data["model"], where=f"{path} [model]")
+
+    # -- Hugging Face config.json --------------------------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        theta = out.pop("rope_theta")
+        out.update(
+            model_type="deepseek_v3",
+            architectures=["DeepseekV3ForCausalLM"],
+            num_key_value_heads=self.num_attention_heads,  # MLA: every head has its own (expanded) key
+            rope_parameters={"rope_type": "default", "rope_theta": theta},
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+            num_nextn_predict_layers=0,  # no multi-token-prediction module
+            use_cache=True,
+        )
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        if hf.get("model_type") != "deepseek_v3":
+            raise ConfigError(f"{where}: model_type must be 'deepseek_v3', got {hf.get('model_type')!r}")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConfigError(f"{where}: rope type {rope.get('rope_type')!r} (e.g. YaRN) is not supported; "
+                              "only the default rope is")
+        for key, expected in [("hidden_act", "silu"), ("attention_bias", False)]:
+            if hf.get(key, expected) != expected:
+                raise ConfigError(f"{where}: key '{key}' = {hf[key]!r} is not supported (only {expected!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in hf.items() if k in names}
+        theta = rope.get("rope_theta", hf.get("rope_theta"))
+        if theta is not None:
+            values["rope_theta"] = float(theta)
+        for key in ["bos_token_id", "eos_token_id"]:  # transformers allows a list of eos ids; we use the first
+            if isinstance(values.get(key), list):
+                values[key] = values[key][0] if values[key] else None
+        return cls.from_dict(values, where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics whatever the activation dtype, as transformers does (parity needs the same rounding)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for each position and rotated pair: two [max_positions, dim // 2] fp32 tables."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate pairs of x [..., T, dr] by position. Interleaved pairs are (x0, x1), (x2, x3), ... (DeepSeek's
+    layout); otherwise (x_i, x_{i+dr/2}). The output is always laid out as [rotated firsts | rotated seconds], as in
+    transformers; queries and keys share the layout, so their dot products are those of the paper."""
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class LatentCache:
+    """Preallocated per-layer cache of MLA's compressed KV: the normalised latent c [dc] and the roped shared key
+    kr [dr] for every token: (dc + dr) values per token per layer, instead of 2 * n * head_dim."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        L = config.num_hidden_layers
+        self.latent = torch.zeros(L, batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
+        self.rope_key = torch.zeros(L, batch_size, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def bytes_per_token_per_layer(self) -> int:
+        return (self.latent.shape[-1] + self.rope_key.shape[-1]) * self.latent.element_size()
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 §2.1): keys and values are rebuilt from a small latent per token."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.dn, self.dr, self.dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.dc = config.kv_lora_rank
+        self.interleave = config.rope_interleave
+        self.scale = config.qk_head_dim ** -0.5
+        d, n = config.hidden_size, config.num_attention_heads
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, n * config.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, eps=1e-6)  # transformers fixes this eps
+            self.q_b_proj = nn.Linear(config.q_lora_rank, n * config.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.dc + self.dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.dc, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.dc, n * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(n * self.dv, d, bias=False)
+
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)  # [B, n, T, dn+dr]
+        q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin, self.interleave)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.dc, self.dr], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B, T, dc]
+        k_rope = apply_rope(k_rope, cos, sin, self.interleave)  # [B, T, dr]
+        if cache is not None:
+            cache.latent[self.layer_idx, :B, start_pos:start_pos + T] = latent
+            cache.rope_key[self.layer_idx, :B, start_pos:start_pos + T] = k_rope
+        if cache is None or start_pos == 0:
+            out = self._expanded(q_nope, q_rope, latent, k_rope)
+        else:
+            end = start_pos + T
+            out = self._absorbed(q_nope, q_rope, cache.latent[self.layer_idx, :B, :end],
+                                 cache.rope_key[self.layer_idx, :B, :end], start_pos)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.dv))
+
+    def _expanded(self, q_nope, q_rope, latent, k_rope):
+        """Training and prefill: expand the latents into per-head keys/values once, then causal SDPA."""
+        B, T, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # [B, n, T, dn], [B, n, T, dv]
+        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, T, self.dr)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, n, T, dv]
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int):
+        """Decode: fold W_UK into the query and W_UV into the output, so attention runs over the cached latents
+        directly (q_nope . W_UK c = (W_UK^T q_nope) . c) and the cache is never re-expanded per step."""
+        T, S = q_nope.shape[2], latent.shape[1]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.dc)
+        w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [n, dn, dc], [n, dv, dc]
+        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, n, T, dc]
+        q = torch.cat([q_latent, q_rope], dim=-1)  # [B, n, T, dc+dr]
+        k = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, S, dc+dr]: one key "head" for all heads
+        mask = None
+        if T > 1:  # several new tokens at once: token t may see cache positions <= start_pos + t
+            mask = torch.arange(S, device=q.device)[None, :] <= (start_pos + torch.arange(T, device=q.device))[:, None]
+        B = q.shape[0]
+        k = k.expand(B, self.n_heads, S, self.dc + self.dr)
+        v = latent.unsqueeze(1).expand(B, self.n_heads, S, self.dc)
+        o_latent = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [B, n, T, dc]
+        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)  # [B, n, T, dv]
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid top-K router with a selection bias (auxiliary-loss-free balancing, DeepSeek-V3 §2.1.2).
+
+    The bias `e_score_correction_bias` only decides WHICH experts are picked; the weights come from the unbiased
+    scores. It is a buffer, not a parameter, so no optimizer can touch it: it moves only through `update_bias`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        E = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        # Tokens routed to each expert since the last reset (training only): the input of the bias update.
+        self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        """x [N, d] -> top-K expert ids [N, K], their weights [N, K], and the fp32 router scores and logits."""
+        cfg = self.config
+        if self.training and cfg.router_jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
+        logits = F.linear(x.float(), self.weight.float())  # fp32 routing, as DeepSeek-V3
+        scores = logits.sigmoid()
+        biased = scores + self.e_score_correction_bias.float()
+        if cfg.n_group > 1:  # group-limited routing: keep the topk_group groups with the best top-2 sums
+            N, E = biased.shape
+            grouped = biased.view(N, cfg.n_group, E // cfg.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1, sorted=False).indices, True)
+            biased = biased.masked_fill(~keep.repeat_interleave(E // cfg.n_group, dim=1), float("-inf"))
+        experts = biased.topk(cfg.num_experts_per_tok, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+        if self.training and not _in_backward():  # gradient checkpointing re-runs this in backward: count once
+            with torch.no_grad():
+                self.load += torch.bincount(experts.flatten(), minlength=cfg.n_routed_experts).float()
+        return experts, weights, scores, logits
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """b_i += gamma * sign(mean(load) - load_i): underloaded experts become likelier picks. The update is
+        centred (as torchtitan does) so the bias does not drift; top-K is unchanged by a shared shift."""
+        delta = self.config.bias_update_speed * torch.sign(load.mean() - load.float())
+        self.e_score_correction_bias += delta - delta.mean()
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class Experts(nn.Module):
+    """All routed experts of one layer as two 3-D tensors (transformers' in-memory layout).
+
+    gate_up_proj [E, 2I, d] (gate rows first, then up), down_proj [E, d, I].
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, d, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, I))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, d], experts/weights [N, K] -> [N, d]. Token copies are sorted by expert so each expert does one
+        contiguous matmul over all its tokens; outputs are scattered back with one index_add. The loop runs over
+        experts (E matmuls), never over tokens; bench/bench_experts.py compares it with a padded bmm (torch's
+        grouped_mm has no CPU backward in 2.13)."""
+        N, K = experts.shape
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // K  # which token each sorted copy came from
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[token_of]  # [N*K, d], grouped by expert
+        outs = []
+        for e, xe in enumerate(xs.split(counts)):
+            if xe.shape[0] == 0:
+                continue
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+class MoE(nn.Module):
+    """y = sum_{i in top-K} g_i Expert_i(x) + SharedExpert(x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
+        self.aux_loss = None  # set in training when an optional router loss is on
+        self.capture_routing = False  # generate() turns this on to report each token's experts
+        self.last_routing = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        experts, weights, scores, logits = self.gate(flat)
+        if self.capture_routing:
+            self.last_routing = (experts.view(B, T, -1), weights.view(B, T, -1))
+        if self.training:
+            self.aux_loss = self._router_losses(experts, scores, logits, B, T)
+        y = self.experts(flat, experts, weights).view(B, T, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+    def _router_losses(self, experts, scores, logits, B: int, T: int):
+        cfg = self.config
+        loss = None
+        if cfg.aux_loss_alpha > 0:  # sequence-wise balance loss, DeepSeek-V3 eq. 17-20
+            E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+            picked = F.one_hot(experts.view(B, T * K), E).float().sum(1)  # [B, E]
+            f = picked * E / (K * T)
+            p = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+            loss = cfg.aux_loss_alpha * (f * p).sum(-1).mean()
+        if cfg.router_z_loss_coef > 0:
+            z = cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            loss = z if loss is None else loss + z
+        return loss
+
+
+class Block(nn.Module):
+    """h = x + MLA(RMSNorm(x)); out = h + FFN(RMSNorm(h)), FFN dense for the first layers, MoE after."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if layer_idx < config.first_k_dense_replace:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = MoE(config)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of (h @ W^T) computed chunk by chunk: the [N, V] logits (V = 49152) are never held at once.
+
+    The gradients are formed in the forward pass, chunk by chunk (softmax - onehot), so the backward pass is just
+    a scale. Same FLOPs as the plain version; peak memory drops from N*V to chunk*V floats.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int):
+        valid = targets != -100
+        n_valid = valid.sum().clamp(min=1)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        for start in range(0, h.shape[0], chunk_size):
+            hc, tc, vc = h[start:start + chunk_size], targets[start:start + chunk_size], valid[start:start + chunk_size]
+            logits = (hc @ weight.t()).float()  # [chunk, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = tc.clamp(min=0).unsqueeze(1)
+            total += ((lse - logits.gather(1, safe_t).squeeze(1)) * vc).sum()
+            if needs_grad:
+                probs = torch.exp_(logits.sub_(lse.unsqueeze(1)))
+                probs.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=probs.dtype))
+                probs.mul_((vc.float() / n_valid).unsqueeze(1))
+                probs = probs.to(h.dtype)
+                grad_h[start:start + chunk_size] = probs @ weight.to(h.dtype)
+                grad_w.addmm_(probs.t().float(), hc.float())
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GeneratedToken:
+    """One streamed token. `routing` (when asked for) has one entry per MoE layer: (layer index, expert ids, weights)."""
+
+    token_id: int
+    routing: list[tuple[int, list[int], list[float]]] | None = None
+
+
+class SmolLM2DeepSeek(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        # Module names follow transformers' DeepseekV3ForCausalLM so the state dict keys match its checkpoints.
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_chunk_size = 1024
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Gate):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoE)]
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0):
+        """input_ids [B, T] -> final-normed hidden states [B, T, d]."""
+        T = input_ids.shape[1]
+        if start_pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = self.model.embed_tokens(input_ids)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only block inputs; activations are recomputed in backward (less memory, ~1.3x compute)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, start_pos)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """Without targets: logits [B, T, V]. With targets [B, T] (-100 = ignore): (None, loss), where loss is the
+        mean next-token cross-entropy plus any enabled router loss; the full logits are never materialised."""
+        h = self.hidden_states(input_ids)
+        if targets is None:
+            return self.lm_head(h)
+        B, T, d = h.shape
+        loss = LinearCrossEntropy.apply(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T),
+                                        self.loss_chunk_size)
+        for moe in self.moe_layers:
+            if moe.aux_loss is not None:
+                loss = loss + moe.aux_loss
+        return None, loss
+
+    # -- load balancing ------------------------------------------------------------------------------------------
+    def expert_loads(self) -> torch.Tensor:
+        """Tokens routed to each expert since the last reset: [num MoE layers, E] (fp32 counts)."""
+        if not self.moe_layers:
+            return torch.zeros(0, self.config.n_routed_experts)
+        return torch.stack([moe.gate.load for moe in self.moe_layers])
+
+    def reset_expert_loads(self) -> None:
+        for moe in self.moe_layers:
+            moe.gate.load.zero_()
+
+    @torch.no_grad()
+    def update_bias(self, loads: torch.Tensor | None = None) -> None:
+        """Apply the loss-free balancing update once per optimizer step. `loads` [layers, E] must be the step's
+        loads summed over all micro-batches and ranks (the trainer all-reduces them); default: the local counts."""
+        loads = self.expert_loads() if loads is None else loads
+        for moe, load in zip(self.moe_layers, loads):
+            moe.gate.update_bias(load.to(moe.gate.e_score_correction_bias.device))
+
+    # -- counting ------------------------------------------------------------------------------------------------
+    def count_parameters(self) -> dict:
+        """Total parameters and those active per token (all but the routed experts a token does not use)."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        routed = sum(moe.experts.gate_up_proj.numel() + moe.experts.down_proj.numel() for moe in self.moe_layers)
+        cfg = self.config
+        active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+        return {"total": total, "active": active, "routed_expert": routed,
+                "kv_cache_values_per_token_per_layer": cfg.kv_cache_values_per_token}
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 eos_token_id: int | None = -1, return_routing: bool = False,
+                 generator: torch.Generator | None = None) -> Iterator[GeneratedToken]:
+        """Stream up to max_new_tokens tokens after prompt_ids (a list of ints or a [1, T] tensor).
+
+        temperature 0 = greedy; top_k 0 (or >= vocab) = no top-k filter; stops after eos (not yielded). The prompt
+        is prefilled in one pass (expanded MLA); each new token then attends over the latent cache (absorbed MLA).
+        """
+        cfg = self.config
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        if max_new_tokens < 0 or temperature < 0 or top_k < 0:
+            raise ValueError("max_new_tokens, temperature and top_k must be >= 0")
+        if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                             f"{cfg.max_position_embeddings} tokens")
+        eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+        was_training = self.training
+        self.eval()
+        device = self.lm_head.weight.device
+        ids = ids.to(device)
+        cache = LatentCache(cfg, 1, ids.shape[1] + max_new_tokens, device, self.lm_head.weight.dtype)
+        moes = self.moe_layers
+        first_moe = cfg.first_k_dense_replace
+        for moe in moes:
+            moe.capture_routing = return_routing
+        try:
+            pos, step_ids = 0, ids
+            for _ in range(max_new_tokens):
+                h = self.hidden_states(step_ids, cache, pos)
+                logits = self.lm_head(h[:, -1]).float()[0]  # [V]
+                token = self._sample(logits, temperature, top_k, generator)
+                if eos is not None and token == eos:
+                    return
+                routing = None
+                if return_routing:
+                    # the routing that produced this token: the last input position of every MoE layer
+                    routing = [(first_moe + i, moe.last_routing[0][0, -1].tolist(),
+                                moe.last_routing[1][0, -1].tolist()) for i, moe in enumerate(moes)]
+                yield GeneratedToken(token, routing)
+                pos += step_ids.shape[1]
+                step_ids = torch.tensor([[token]], device=device)
+        finally:
+            for moe in moes:
+                moe.capture_routing, moe.last_routing = False, None
+            self.train(was_training)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> int:
+        if temperature == 0:
+            return int(logits.argmax())
+        logits = logits / temperature
+        if 0 < top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    # -- Hugging Face format -------------------------------------------------------------------------------------
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """State dict with transformers' on-disk keys: experts split into experts.{j}.{gate,up,down}_proj."""
+        out = {}
+        for key, tensor in self.state_dict().items():
+            if key == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            keep_fp32 = key.endswith("e_score_correction_bias")
+            t = tensor.detach().to(torch.float32 if keep_fp32 or dtype is None else dtype)
+            if key.endswith("experts.gate_up_proj"):
+                prefix = key[: -len("gate_up_proj")]
+                for j, w in enumerate(t):
+                    gate, up = w.chunk(2, dim=0)
+                    out[f"{prefix}{j}.gate_proj.weight"] = gate.contiguous()
+                    out[f"{prefix}{j}.up_proj.weight"] = up.contiguous()
+            elif key.endswith("experts.down_proj"):
+                prefix = key[: -len("down_proj")]
+                for j, w in enumerate(t):
+                    out[f"{prefix}{j}.down_proj.weight"] = w.contiguous()
+            else:
+                out[key] = t.contiguous()
+        return out
+
+    def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
+        """Write config.json, generation_config.json and model.safetensors in transformers' deepseek_v3 format."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        hf = self.config.to_hf_dict()
+        hf["dtype"] = str(dtype or self.lm_head.weight.dtype).replace("torch.", "")
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        with open(os.path.join(directory, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
+                       "pad_token_id": self.config.pad_token_id, "do_sample": True, "temperature": 0.8,
+                       "top_k": 50}, f, indent=2)
+        save_file(self.hf_state_dict(dtype), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "SmolLM2DeepSeek":
+        """Load a checkpoint written by save_pretrained or by transformers' DeepseekV3ForCausalLM."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in checkpoint directory {directory!r}")
+        try:
+            with open(config_path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON (truncated or corrupt?): {err}") from None
+        config = ModelConfig.from_hf_dict(hf, where=config_path)
+        index_path = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        state = {}
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"missing weights file {path}")
+            try:
+                state.update(load_file(path))
+            except (SafetensorError, OSError, ValueError) as err:
+                raise ValueError(f"cannot read weights file {path} (truncated or corrupt?): {err}") from None
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_hf_state_dict(state, source=directory)
+        model.rope_cos, model.rope_sin = rope_tables(config.qk_rope_head_dim, config.max_position_embeddings,
+                                                     config.rope_theta)
+        for moe in model.moe_layers:
+            moe.gate.load = torch.zeros(config.n_routed_experts)
+        model.to(device=device, dtype=dtype)
+        for moe in model.moe_layers:  # the balancing bias stays fp32 whatever the weights' dtype
+            moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
+        return model.eval()
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Load transformers-format tensors (per-expert keys or fused 3-D ones) into this model."""
+        cfg = self.config
+        state = dict(state)
+        for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
+            prefix = f"model.layers.{i}.mlp.experts."
+            if prefix + "gate_up_proj" in state:
+                continue  # already fused
+            try:
+                gate_up, down = [], []
+                for j in range(cfg.n_routed_experts):
+                    g = state.pop(f"{prefix}{j}.gate_proj.weight")
+                    u = state.pop(f"{prefix}{j}.up_proj.weight")
+                    gate_up.append(torch.cat([g, u], dim=0))
+                    down.append(state.pop(f"{prefix}{j}.down_proj.weight"))
+            except KeyError as err:
+                raise ValueError(f"{source}: missing expert weight {err.args[0]}") from None
+            state[prefix + "gate_up_proj"] = torch.stack(gate_up)
+            state[prefix + "down_proj"] = torch.stack(down)
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        expected = self.state_dict()
+        missing = sorted(k for k in expected if k not in state or state[k] is None)
+        unexpected = sorted(k for k in state if k not in expected and not k.startswith(f"model.layers.{cfg.num_hidden_layers}."))
+        if missing or unexpected:
+            raise ValueError(f"{source}: weights do not match the config; missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for key, tensor in expected.items():
+            if tuple(state[key].shape) != tuple(tensor.shape):
+                raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, expected {tuple(tensor.shape)}")
+        self.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def max_violation(loads: torch.Tensor) -> torch.Tensor:
+    """MaxVio per layer (Wang et al. 2024): (max_i c_i - mean c) / mean c for loads [layers, E]."""
+    mean = loads.float().mean(-1)
+    return (loads.float().max(-1).values - mean) / mean.clamp(min=1e-9)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Print a config's parameter counts and KV-cache size.")
+    parser.add_argument("--config", default="config_smollm2_135.yaml")
+    args = parser.parse_args()
+    config = ModelConfig.from_yaml(args.config)
+    with torch.device("meta"):
+        counts = SmolLM2DeepSeek(config).count_parameters()
+    values = config.kv_cache_values_per_token
+    gqa = 2 * 3 * 64  # SmolLM2-135M: 3 kv heads of 64 dims, keys and values
+    print(f"{args.config}: total {counts['total'] / 1e6:.2f}M parameters, active {counts['active'] / 1e6:.2f}M "
+          f"per token ({config.n_routed_experts} routed experts, top-{config.num_experts_per_tok}, "
+          f"{config.n_shared_experts} shared)")
+    print(f"KV cache: {values} values per token per layer ({values * 4} bytes fp32, {values * 2} bytes bf16); "
+          f"SmolLM2 GQA caches {gqa}: ratio {values / gqa:.3f}")
+
+
+if __name__ == "__main__":
+    main()

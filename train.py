@@ -1,0 +1,725 @@
+"""Train SmolLM2-DeepSeek: 5000 steps, then 50 more from the step-5000 checkpoint (the design card's two phases).
+
+    python train.py                                         # full model, cosmopedia-v2 streamed from the hub
+    python train.py --config config_cpu.yaml --data ../shared/corpus/train.jsonl \
+        --val-data ../shared/corpus/val.jsonl --tokenizer ../shared/tokenizer      # the shipped CPU model, offline
+    python train.py --checkpoint_path checkpoints/step_5000 # phase 2 alone, from a step-5000 checkpoint
+    torchrun --nproc_per_node 2 train.py ...                # DDP; expert loads are summed over ranks
+
+Reads top to bottom: arguments -> config -> data -> model and optimiser -> resume -> the loop (train step, bias
+update, logging, evaluation, samples, checkpoints) -> the final model where app.py looks (<out>/final).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import ConfigError, ModelConfig, SmolLM2DeepSeek, dataclass_from_dict, max_violation, read_yaml
+
+DEFAULT_PROMPTS = ["Once upon a time", "The main causes of inflation are", "Photosynthesis is the process",
+                   "In mathematics, a function"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # phase 1
+    extra_steps: int = 50  # phase 2, started from the phase-1 checkpoint
+    batch_size: int = 8  # sequences per micro-batch (per rank)
+    grad_accum_steps: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, linear decay over the last decay_fraction)
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    balance_bias: bool = True  # the auxiliary-loss-free bias update after every optimizer step
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    eval_batches: int = 8
+    keep_last: int = 3
+    sample_tokens: int = 48
+    sample_prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    log_every: int = 10
+    seed: int = 1337
+    tokenizer: str = "HuggingFaceTB/cosmo2-tokenizer"
+    dataset: str = "HuggingFaceTB/smollm-corpus"
+    dataset_config: str = "cosmopedia-v2"
+    hub_val_docs: int = 200  # documents held out from the start of the hub stream for validation
+
+    def __post_init__(self):
+        for key in ["batch_size", "grad_accum_steps", "seq_len", "lr", "checkpoint_every", "eval_every",
+                    "eval_batches", "keep_last", "log_every", "grad_clip", "hub_val_docs"]:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"key '{key}' must be > 0, got {getattr(self, key)!r}")
+        for key in ["steps", "extra_steps", "warmup_steps", "weight_decay", "eps", "sample_tokens"]:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"key 'decay_fraction' must be in (0, 1], got {self.decay_fraction!r}")
+        for key in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be in [0, 1), got {getattr(self, key)!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"key 'schedule' must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"key 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not all(isinstance(p, str) and p for p in self.sample_prompts):
+            raise ConfigError("key 'sample_prompts' must be a list of non-empty strings")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments and configuration
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="config_smollm2_135.yaml", help="YAML with model: and train: sections")
+    p.add_argument("--data", nargs="+", help="local training files (.jsonl with a 'text' field, .txt, or a "
+                   "pre-tokenized uint16 .npy); default: stream the hub dataset")
+    p.add_argument("--val-data", nargs="+", help="local validation files; default with --data: every 100th document")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the config's)")
+    p.add_argument("--out", default="checkpoints", help="checkpoints, metrics.jsonl, samples and plot go here")
+    p.add_argument("--steps", type=int, help="phase-1 steps (default 5000)")
+    p.add_argument("--extra-steps", type=int, help="phase-2 steps after the phase-1 checkpoint (default 50)")
+    p.add_argument("--resume", default="auto", help="auto (latest good checkpoint in --out), none, or a directory")
+    p.add_argument("--checkpoint_path", "--checkpoint-path", dest="checkpoint_path",
+                   help="start from this checkpoint (e.g. checkpoints/step_5000 to run phase 2 alone)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int, dest="grad_accum_steps")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--no-balance", action="store_true", help="turn the loss-free bias update off (for comparison)")
+    p.add_argument("--no-samples", action="store_true", help="skip sample generation at checkpoints")
+    return p.parse_args(argv)
+
+
+def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
+    data = read_yaml(args.config)
+    model_cfg = ModelConfig.from_dict(data.get("model", {}), where=f"{args.config} [model]")
+    train_cfg = dataclass_from_dict(TrainConfig, data.get("train", {}), where=f"{args.config} [train]")
+    overrides = {k: getattr(args, k) for k in ["steps", "extra_steps", "seed", "batch_size", "grad_accum_steps",
+                                               "lr", "seq_len"] if getattr(args, k) is not None}
+    if args.tokenizer:
+        overrides["tokenizer"] = args.tokenizer
+    if args.no_balance:
+        overrides["balance_bias"] = False
+    try:
+        train_cfg = dataclasses.replace(train_cfg, **overrides)
+    except ConfigError as err:
+        raise ConfigError(f"command line: {err}") from None
+    if train_cfg.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"key 'seq_len' ({train_cfg.seq_len}) exceeds the model's max_position_embeddings "
+                          f"({model_cfg.max_position_embeddings})")
+    return model_cfg, train_cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: documents -> tokens joined with eos -> fixed-length sequences
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as err:  # offline, a typo, or a missing directory: say which and what to do
+        raise RuntimeError(f"cannot load tokenizer {name_or_path!r} ({type(err).__name__}: {str(err)[:200]}); "
+                           "offline, pass --tokenizer DIR with a local copy (e.g. ../shared/tokenizer)") from None
+
+
+def read_documents(path: str):
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+    else:
+        with open(path) as f:
+            yield from (doc for doc in f.read().split("\n\n") if doc.strip())
+
+
+def tokenize_files(paths: list[str], tokenizer, keep=lambda i: True) -> np.ndarray:
+    """All documents of `paths` (those whose index passes `keep`), each followed by eos, as one uint16 array.
+    Cached under ~/.cache/smollm2-deepseek keyed by the files and the tokenizer, so reruns start at once."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file not found: {path}")
+    if len(paths) == 1 and paths[0].endswith(".npy"):
+        return np.load(paths[0], mmap_mode="r")
+    key = hashlib.sha256(json.dumps([[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in paths]
+                                    + [tokenizer.name_or_path, len(tokenizer), keep.__doc__]).encode()).hexdigest()
+    cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "smollm2-deepseek")
+    cache = os.path.join(cache_dir, f"tokens-{key[:16]}.npy")
+    if os.path.isfile(cache):
+        return np.load(cache, mmap_mode="r")
+    if len(tokenizer) > 65535:
+        raise ValueError("uint16 token storage needs a vocabulary of at most 65535 tokens")
+    docs = [doc for path in paths for doc in read_documents(path)]
+    docs = [doc for i, doc in enumerate(docs) if keep(i)]
+    if not docs:
+        raise ValueError(f"no documents in {paths}")
+    pieces = []
+    for start in range(0, len(docs), 256):
+        for ids in tokenizer(docs[start:start + 256], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.uint16))
+    tokens = np.concatenate(pieces)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp.npy"
+    np.save(tmp, tokens)
+    os.replace(tmp, cache)
+    return tokens
+
+
+class PackedBatches:
+    """Random-access training batches over a flat token array: windows of seq_len + 1 tokens, shuffled per epoch by
+    the seed. The data position is one integer (micro-batches consumed), so resuming is exact."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1):
+        self.tokens, self.B, self.T, self.seed, self.rank, self.world = tokens, batch_size, seq_len, seed, rank, world
+        self.num_windows = (len(tokens) - 1) // seq_len
+        self.per_epoch = self.num_windows // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"the data holds {len(tokens)} tokens: too few for one batch of "
+                             f"{batch_size * world} x {seq_len + 1} tokens")
+        self.position = 0
+        self._epoch, self._order = -1, None
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(self.position, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.num_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        first = (index * self.world + self.rank) * self.B
+        starts = self._order[first:first + self.B].numpy() * self.T
+        rows = np.stack([self.tokens[s:s + self.T + 1] for s in starts]).astype(np.int64)
+        self.position += 1
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class HubBatches:
+    """Sequences packed from the streamed hub dataset, in stream order. Position: documents consumed plus the
+    tokens left over from the last one, so a resumed run skips exactly what was seen."""
+
+    def __init__(self, dataset, tokenizer, batch_size: int, seq_len: int, skip_docs: int, rank=0, world=1):
+        self.dataset, self.tokenizer, self.B, self.T = dataset, tokenizer, batch_size, seq_len
+        self.rank, self.world = rank, world
+        self.docs, self.buffer, self._it = skip_docs, [], None
+
+    def next(self):
+        need = self.B * self.world * (self.T + 1)
+        if self._it is None:
+            self._it = iter(self.dataset.skip(self.docs))
+        while len(self.buffer) < need:
+            doc = next(self._it)
+            self.docs += 1
+            self.buffer += self.tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+            self.buffer.append(self.tokenizer.eos_token_id)
+        rows = torch.tensor(self.buffer[:need]).view(self.world, self.B, self.T + 1)[self.rank]
+        self.buffer = self.buffer[need:]
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self):
+        return {"docs": self.docs, "buffer": torch.tensor(self.buffer, dtype=torch.long)}
+
+    def load_state_dict(self, state):
+        self.docs, self.buffer, self._it = int(state["docs"]), state["buffer"].tolist(), None
+
+
+def build_data(args, cfg: TrainConfig, tokenizer, rank: int, world: int):
+    """-> (training batches, validation batches [list of (x, y)])."""
+    if args.data:
+        if args.val_data:
+            train_tokens = tokenize_files(args.data, tokenizer)
+            val_tokens = tokenize_files(args.val_data, tokenizer)
+        else:
+            def train_docs(i):
+                """all but every 100th document"""
+                return i % 100 != 0
+
+            def val_docs(i):
+                """every 100th document"""
+                return i % 100 == 0
+
+            train_tokens = tokenize_files(args.data, tokenizer, keep=train_docs)
+            val_tokens = tokenize_files(args.data, tokenizer, keep=val_docs)
+        batches = PackedBatches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+        val_stream = PackedBatches(val_tokens, cfg.batch_size, cfg.seq_len, seed=0)
+        val_stream._order = torch.arange(val_stream.num_windows)  # evaluate the same windows, in order, every time
+        val_stream._epoch = 0
+        n_val = min(cfg.eval_batches, val_stream.per_epoch)
+        return batches, [val_stream.next() for _ in range(n_val)]
+    try:
+        from datasets import load_dataset
+
+        stream = load_dataset(cfg.dataset, cfg.dataset_config, split="train", streaming=True)
+        val_stream = HubBatches(stream.take(cfg.hub_val_docs), tokenizer, cfg.batch_size, cfg.seq_len, 0)
+        val = []
+        with contextlib.suppress(StopIteration):
+            for _ in range(cfg.eval_batches):
+                val.append(val_stream.next())
+    except Exception as err:
+        raise RuntimeError(f"cannot stream {cfg.dataset}/{cfg.dataset_config} from the hub "
+                           f"({type(err).__name__}: {str(err)[:200]}); offline, pass --data FILE "
+                           "(and --tokenizer DIR)") from None
+    return HubBatches(stream, tokenizer, cfg.batch_size, cfg.seq_len, cfg.hub_val_docs, rank, world), val
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    """None = plain fp32. CPUs here have no fast bf16 (DESIGN.md §4), so autocast is for CUDA only."""
+    if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type != "cuda"):
+        return None
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, cfg.dtype)
+
+
+def build_optimizer(model: SmolLM2DeepSeek, cfg: TrainConfig, device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (attention, experts, router) but not on norms or the embedding."""
+    embedding = model.model.embed_tokens.weight
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (1-based). The schedule spans phase 1; phase 2 stays at the floor."""
+    floor = cfg.lr * cfg.min_lr_ratio
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / max(1, cfg.warmup_steps)
+    if step > cfg.steps:
+        return floor
+    if cfg.schedule == "wsd":
+        decay_start = cfg.steps - int(cfg.decay_fraction * cfg.steps)
+        if step <= decay_start:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - floor) * (step - decay_start) / max(1, cfg.steps - decay_start)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: <out>/step_N/{config.json, model.safetensors, tokenizer files, training_state.pt}, written atomically
+
+
+def step_dirs(out: str) -> list[tuple[int, str]]:
+    found = []
+    for path in glob.glob(os.path.join(out, "step_*")):
+        name = os.path.basename(path)
+        if name[5:].isdigit() and os.path.isdir(path):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, totals, cfg: TrainConfig,
+                    protect=()) -> str:
+    final = os.path.join(out, f"step_{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "data": batches.state_dict(),
+        "totals": totals,
+        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "train_config": dataclasses.asdict(cfg),
+    }
+    torch.save(state, os.path.join(tmp, "training_state.pt"))
+    if os.path.isdir(final):  # rewriting the same step (a rerun): keep the old copy until the new one is in place
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    for old_step, path in step_dirs(out)[:-cfg.keep_last]:
+        if old_step not in protect:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, device) -> tuple[SmolLM2DeepSeek, dict]:
+    """Model and training state of one checkpoint; any damage is an error naming the file."""
+    state_path = os.path.join(path, "training_state.pt")
+    if not os.path.isfile(state_path):
+        raise FileNotFoundError(f"checkpoint {path} has no training_state.pt (partial write?)")
+    model = SmolLM2DeepSeek.from_pretrained(path, device=device)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read {state_path} (truncated or corrupt?): {type(err).__name__}: {err}") from None
+    return model, state
+
+
+def find_resume_checkpoint(out: str, device, log) -> tuple[str, SmolLM2DeepSeek, dict] | None:
+    """The newest checkpoint in `out` that loads; damaged ones are reported by name and skipped (not deleted)."""
+    for step, path in reversed(step_dirs(out)):
+        try:
+            model, state = load_checkpoint(path, device)
+            return path, model, state
+        except Exception as err:
+            log(f"WARNING: checkpoint {path} is unusable ({err}); falling back to the previous one")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation, samples, metrics, plot
+
+
+@torch.no_grad()
+def evaluate(model, val_batches, device, amp_dtype) -> float:
+    model.eval()
+    losses = []
+    for x, y in val_batches:
+        with autocast(device, amp_dtype):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / max(1, len(losses))
+
+
+def write_samples(model, tokenizer, cfg: TrainConfig, step: int, out: str, log) -> None:
+    rows = []
+    for i, prompt in enumerate(cfg.sample_prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed + i)
+        new = [t.token_id for t in model.generate(ids, cfg.sample_tokens, temperature=0.8, top_k=50, generator=gen)]
+        text = prompt + tokenizer.decode(new, skip_special_tokens=True)
+        rows.append({"step": step, "prompt": prompt, "text": text})
+        log(f"  sample @ {step}: {text!r}")
+    with open(os.path.join(out, "samples.jsonl"), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def plot_metrics(out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out)
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0, 0]
+    ax.plot(steps, [r["loss"] for r in rows], label="train", lw=0.8)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_yscale("log"), ax.set_title("loss"), ax.legend()
+    axes[0, 1].plot(steps, [r["lr"] for r in rows]), axes[0, 1].set_title("learning rate")
+    vio = np.array([r["max_vio"] for r in rows if r.get("max_vio")])
+    if len(vio):
+        ax = axes[1, 0]
+        ax.plot([r["step"] for r in rows if r.get("max_vio")], vio.mean(1), label="mean over layers", lw=0.8)
+        ax.plot([r["step"] for r in rows if r.get("max_vio")], vio.max(1), label="worst layer", lw=0.8, alpha=0.6)
+        ax.set_title("MaxVio (expert load imbalance)"), ax.legend()
+    axes[1, 1].plot(steps, [r["tokens_seen"] / 1e6 for r in rows]), axes[1, 1].set_title("tokens seen (M)")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "training_plot.png"), dpi=90)
+    plt.close(fig)
+
+
+def read_metrics(out: str) -> list[dict]:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill is dropped
+                rows.append(json.loads(line))
+    return rows
+
+
+def truncate_metrics(out: str, step: int) -> None:
+    """On resume, forget rows logged after the checkpoint: the resumed run logs them again."""
+    rows = [r for r in read_metrics(out) if r["step"] <= step]
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    samples = os.path.join(out, "samples.jsonl")
+    if os.path.isfile(samples):
+        with open(samples) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(samples, "w") as f:
+            f.writelines(kept)
+
+
+def autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # -- distributed setup (torchrun sets these) --
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = pick_device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    master = rank == 0
+
+    def log(msg):
+        if master:
+            tqdm_write(msg)
+
+    model_cfg, cfg = load_configs(args)
+    os.makedirs(args.out, exist_ok=True)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but vocab_size is {model_cfg.vocab_size}")
+    batches, val_batches = build_data(args, cfg, tokenizer, rank, world)
+
+    # -- model: fresh, or resumed from a checkpoint --
+    resume = None
+    if args.checkpoint_path:
+        resume = (args.checkpoint_path, *load_checkpoint(args.checkpoint_path, device))
+    elif args.resume not in ("auto", "none"):
+        resume = (args.resume, *load_checkpoint(args.resume, device))
+    elif args.resume == "auto":
+        resume = find_resume_checkpoint(args.out, device, log)
+    if resume:
+        path, model, state = resume
+        if model.config != model_cfg:
+            raise ConfigError(f"checkpoint {path} was trained with a different model config than {args.config}")
+        model.train()
+    else:
+        model, state = SmolLM2DeepSeek(model_cfg).to(device), None
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    amp_dtype = autocast_dtype(cfg, device)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    step, totals = 0, {"tokens_seen": 0, "skipped_steps": 0, "train_seconds": 0.0}
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["data"])
+        step, totals = state["step"], dict(state["totals"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate((3, tuple(state["rng"]["python"]), None))
+        if state["rng"]["cuda"] and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if master:
+            truncate_metrics(args.out, step)
+        log(f"resumed from {resume[0]} at step {step}")
+    train_model = model
+    if world > 1:
+        # the balancing bias and load counters are per-rank buffers kept equal by summing loads, not broadcast
+        train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+
+    counts = model.count_parameters()
+    total_steps = cfg.steps + cfg.extra_steps
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * world
+    log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active | device {device}"
+        f"{'' if amp_dtype is None else f' autocast {amp_dtype}'} | {world} rank(s) | {tokens_per_step} tokens/step"
+        f" | phase 1: steps 1-{cfg.steps}, phase 2: steps {cfg.steps + 1}-{total_steps}")
+    protect = {cfg.steps}  # the phase-1 checkpoint is where phase 2 starts: never rotated away
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    model.reset_expert_loads()
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
+    t_last = time.perf_counter()
+    while step < total_steps:
+        step += 1
+        if step == cfg.steps + 1:
+            log(f"phase 2: {cfg.extra_steps} more steps from the step-{cfg.steps} checkpoint")
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # -- one optimizer step over grad_accum_steps micro-batches --
+        loss_sum, finite = 0.0, True
+        for micro in range(cfg.grad_accum_steps):
+            x, y = batches.next()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = micro == cfg.grad_accum_steps - 1 or world == 1
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, amp_dtype):
+                _, loss = train_model(x, y)
+            loss = loss / cfg.grad_accum_steps
+            finite &= bool(torch.isfinite(loss))
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.item()
+        loads = model.expert_loads()
+        if world > 1:
+            dist.all_reduce(loads)
+            flag = torch.tensor([float(finite)], device=loads.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not finite or not torch.isfinite(grad_norm):
+            # a NaN/inf loss or gradient: drop this step's update (and its loads), count it, carry on
+            totals["skipped_steps"] += 1
+            log(f"WARNING: step {step}: non-finite loss or gradient; update skipped "
+                f"({totals['skipped_steps']} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler:
+                scaler.update()
+        else:
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.balance_bias:
+                model.update_bias(loads)  # once per optimizer step, from the whole global batch's loads
+        model.reset_expert_loads()
+        now = time.perf_counter()
+        step_seconds = now - t_last
+        totals["train_seconds"] += step_seconds
+        t_last = now
+        totals["tokens_seen"] += tokens_per_step
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+
+        row = None
+        if master and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step in (1, cfg.steps, total_steps)):
+            row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+                   "tokens_seen": totals["tokens_seen"], "skipped_steps": totals["skipped_steps"],
+                   "tokens_per_s": tokens_per_step / max(step_seconds, 1e-9),
+                   "max_vio": max_violation(loads).tolist() if len(loads) else [],
+                   "expert_load": loads.int().tolist()}
+        if step % cfg.eval_every == 0 or step in (cfg.steps, total_steps):
+            val_loss = evaluate(model, val_batches, device, amp_dtype)
+            if row is not None:
+                row["val_loss"] = val_loss
+            log(f"step {step}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                f"MaxVio {max_violation(loads).mean().item() if len(loads) else 0:.3f}")
+        if row is not None:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if step % cfg.checkpoint_every == 0 or step in (cfg.steps, total_steps):
+            if master:
+                if not args.no_samples:
+                    write_samples(model, tokenizer, cfg, step, args.out, log)
+                path = save_checkpoint(args.out, step, model, tokenizer, optimizer, scaler, batches, totals, cfg,
+                                       protect)
+                plot_metrics(args.out)
+                log(f"saved {path}")
+            if world > 1:
+                dist.barrier()
+            t_last = time.perf_counter()  # checkpoint and sample time is not training time
+    bar.close()
+
+    if world > 1:  # the bias must be identical on every rank: loads were summed, so every update was the same
+        for moe in model.moe_layers:
+            bias = moe.gate.e_score_correction_bias
+            gathered = [torch.zeros_like(bias) for _ in range(world)]
+            dist.all_gather(gathered, bias)
+            spread = max((g - gathered[0]).abs().max().item() for g in gathered)
+            if spread != 0:
+                raise RuntimeError(f"balancing bias differs across ranks by {spread}")
+        log(f"balancing bias identical on all {world} ranks")
+    if master:
+        publish_final(args.out, total_steps)
+        log(f"done: {step} steps, {totals['tokens_seen']} tokens, {totals['skipped_steps']} skipped, "
+            f"{totals['train_seconds'] / 60:.1f} min training; final model in {os.path.join(args.out, 'final')}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def publish_final(out: str, step: int) -> None:
+    """Copy the last checkpoint's model (no optimizer state) to <out>/final, where app.py looks, atomically."""
+    source = os.path.join(out, f"step_{step}")
+    final = os.path.join(out, "final")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("training_state.pt"))
+    with open(os.path.join(tmp, "training_summary.json"), "w") as f:
+        rows = read_metrics(out)
+        val = [r for r in rows if "val_loss" in r]
+        json.dump({"step": step, "tokens_seen": rows[-1]["tokens_seen"] if rows else None,
+                   "train_loss": rows[-1]["loss"] if rows else None,
+                   "val_loss": val[-1]["val_loss"] if val else None}, f, indent=2)
+    if os.path.isdir(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
+def tqdm_write(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
