@@ -387,7 +387,9 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, tot
         os.replace(final, final + ".old")
     os.replace(tmp, final)
     shutil.rmtree(final + ".old", ignore_errors=True)
-    for old_step, path in step_dirs(out)[:-cfg.keep_last]:
+    # rotate among checkpoints up to this step; later ones (from a run that was resumed from earlier, possibly
+    # damaged) are left alone until this run overwrites them, so they never push a good one out
+    for old_step, path in [(s, p) for s, p in step_dirs(out) if s <= step][:-cfg.keep_last]:
         if old_step not in protect:
             shutil.rmtree(path, ignore_errors=True)
     return final
@@ -582,7 +584,8 @@ def main(argv=None):
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * world
     log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active | device {device}"
         f"{'' if amp_dtype is None else f' autocast {amp_dtype}'} | {world} rank(s) | {tokens_per_step} tokens/step"
-        f" | phase 1: steps 1-{cfg.steps}, phase 2: steps {cfg.steps + 1}-{total_steps}")
+        f" | phase 1: steps 1-{cfg.steps}"
+        + (f", phase 2: steps {cfg.steps + 1}-{total_steps}" if cfg.extra_steps else ""))
     protect = {cfg.steps}  # the phase-1 checkpoint is where phase 2 starts: never rotated away
 
     from tqdm import tqdm
