@@ -1,0 +1,64 @@
+"""Training throughput: ours vs transformers' DeepseekV3ForCausalLM on the same config, batch and optimiser, plus
+MFU against this machine's fp32 matmul peak measured in the same run.
+
+    python bench/bench_train.py [--batch 4] [--seq 128] [--steps 4]
+"""
+import argparse
+import tempfile
+
+import torch
+
+from common import REFERENCE, best_time, matmul_peak_gflops, ours, transformers_twin
+
+
+def train_step_fn(model, ids, hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    model.train()
+
+    def step():
+        if hf:
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    ids = torch.randint(0, REFERENCE["vocab_size"], (args.batch, args.seq + 1))
+    tokens = args.batch * args.seq
+    model = ours()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = transformers_twin(model, tmp)
+    results = {}
+    peak = matmul_peak_gflops()
+    for name, m, is_hf in [("transformers", hf, True), ("ours", model, False)]:
+        # both run args.seq positions per row: transformers shifts its labels inside
+        step = train_step_fn(m, ids[:, :args.seq] if is_hf else ids, is_hf)
+        seconds = best_time(lambda: [step() for _ in range(args.steps)], repeats=2) / args.steps
+        results[name] = tokens / seconds
+    peak_after = matmul_peak_gflops()
+    counts = model.count_parameters()
+    # 6 FLOP per active parameter per token; the tied embedding counts once, as the lm_head matmul it also is
+    flop_per_token = 6 * counts["active"]
+    mfu = results["ours"] * flop_per_token / (max(peak, peak_after) * 1e9)
+    print(f"config: DESIGN.md §4 reference (d 192, 4 layers, 8 experts top-2 + shared), batch {args.batch} x {args.seq}")
+    print(f"fp32 matmul peak (2048^2 GEMM, best of 5, before/after): {peak:.1f} / {peak_after:.1f} GFLOP/s")
+    print(f"transformers training: {results['transformers']:.1f} tok/s")
+    print(f"ours training:         {results['ours']:.1f} tok/s")
+    print(f"ratio ours / transformers: {results['ours'] / results['transformers']:.2f}x  (goal >= 2x)")
+    print(f"ours MFU: {100 * mfu:.1f}% of the measured peak ({flop_per_token / 1e6:.1f} MFLOP/token)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Shared pieces of the benchmarks: the reference config of DESIGN.md §4, a matmul-peak probe, a timer."""
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import ModelConfig, SmolLM2DeepSeek  # noqa: E402
+
+# DESIGN.md §4: the config on which transformers was measured at ~78 tok/s training and ~29 tok/s decoding here
+REFERENCE = dict(vocab_size=49152, hidden_size=192, num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=48,
+                 qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
+                 n_shared_experts=1, moe_intermediate_size=192, first_k_dense_replace=1, intermediate_size=576,
+                 tie_word_embeddings=True, n_group=1, topk_group=1, max_position_embeddings=2048)
+
+
+def ours(values: dict = REFERENCE, seed: int = 0) -> SmolLM2DeepSeek:
+    torch.manual_seed(seed)
+    return SmolLM2DeepSeek(ModelConfig.from_dict(dict(values)))
+
+
+def transformers_twin(model: SmolLM2DeepSeek, path: str):
+    """The same weights in transformers' DeepseekV3ForCausalLM (through the HF files, as a user would)."""
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GEMM throughput of this machine right now (2n^3 FLOP per n x n matmul)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
