@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -467,15 +466,15 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
         self.aux_loss = None  # set in training when an optional router loss is on
-        self.capture_routing = False  # generate() turns this on to report each token's experts
-        self.last_routing = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
+        """`routing`, when given, receives this layer's (expert ids [B, T, K], weights [B, T, K]): a per-call list
+        rather than module state, so concurrent generations (the app's queue) never see each other's routing."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         experts, weights, scores, logits = self.gate(flat)
-        if self.capture_routing:
-            self.last_routing = (experts.view(B, T, -1), weights.view(B, T, -1))
+        if routing is not None:
+            routing.append((experts.view(B, T, -1), weights.view(B, T, -1)))
         if self.training:
             self.aux_loss = self._router_losses(experts, scores, logits, B, T)
         y = self.experts(flat, experts, weights).view(B, T, d)
@@ -511,9 +510,10 @@ class Block(nn.Module):
         else:
             self.mlp = MoE(config)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, cos, sin, cache=None, start_pos=0, routing=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, routing) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -604,8 +604,9 @@ class SmolLM2DeepSeek(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoE)]
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0):
-        """input_ids [B, T] -> final-normed hidden states [B, T, d]."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
+                      routing: list | None = None):
+        """input_ids [B, T] -> final-normed hidden states [B, T, d]. `routing` collects each MoE layer's choice."""
         T = input_ids.shape[1]
         if start_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
@@ -617,7 +618,7 @@ class SmolLM2DeepSeek(nn.Module):
                 # keep only block inputs; activations are recomputed in backward (less memory, ~1.3x compute)
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, start_pos)
+                x = block(x, cos, sin, cache, start_pos, routing)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
@@ -688,14 +689,12 @@ class SmolLM2DeepSeek(nn.Module):
         device = self.lm_head.weight.device
         ids = ids.to(device)
         cache = LatentCache(cfg, 1, ids.shape[1] + max_new_tokens, device, self.lm_head.weight.dtype)
-        moes = self.moe_layers
         first_moe = cfg.first_k_dense_replace
-        for moe in moes:
-            moe.capture_routing = return_routing
         try:
             pos, step_ids = 0, ids
             for _ in range(max_new_tokens):
-                h = self.hidden_states(step_ids, cache, pos)
+                layers = [] if return_routing else None
+                h = self.hidden_states(step_ids, cache, pos, layers)
                 logits = self.lm_head(h[:, -1]).float()[0]  # [V]
                 token = self._sample(logits, temperature, top_k, generator)
                 if eos is not None and token == eos:
@@ -703,14 +702,12 @@ class SmolLM2DeepSeek(nn.Module):
                 routing = None
                 if return_routing:
                     # the routing that produced this token: the last input position of every MoE layer
-                    routing = [(first_moe + i, moe.last_routing[0][0, -1].tolist(),
-                                moe.last_routing[1][0, -1].tolist()) for i, moe in enumerate(moes)]
+                    routing = [(first_moe + i, experts[0, -1].tolist(), weights[0, -1].tolist())
+                               for i, (experts, weights) in enumerate(layers)]
                 yield GeneratedToken(token, routing)
                 pos += step_ids.shape[1]
                 step_ids = torch.tensor([[token]], device=device)
         finally:
-            for moe in moes:
-                moe.capture_routing, moe.last_routing = False, None
             self.train(was_training)
 
     @staticmethod

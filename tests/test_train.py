@@ -2,7 +2,6 @@
 the bias update under gradient accumulation, and DDP with torchrun on CPU."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
