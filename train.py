@@ -365,6 +365,14 @@ def step_dirs(out: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def replace_dir(tmp: str, final: str) -> None:
+    """Put a fully written directory in place by rename; an existing one is kept until the new one is there."""
+    if os.path.isdir(final):
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
 def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, totals, cfg: TrainConfig,
                     protect=()) -> str:
     final = os.path.join(out, f"step_{step}")
@@ -383,10 +391,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, tot
         "train_config": dataclasses.asdict(cfg),
     }
     torch.save(state, os.path.join(tmp, "training_state.pt"))
-    if os.path.isdir(final):  # rewriting the same step (a rerun): keep the old copy until the new one is in place
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
+    replace_dir(tmp, final)
     # rotate among checkpoints up to this step; later ones (from a run that was resumed from earlier, possibly
     # damaged) are left alone until this run overwrites them, so they never push a good one out
     for old_step, path in [(s, p) for s, p in step_dirs(out) if s <= step][:-cfg.keep_last]:
@@ -705,13 +710,12 @@ def publish_final(out: str, step: int) -> None:
     with open(os.path.join(tmp, "training_summary.json"), "w") as f:
         rows = read_metrics(out)
         val = [r for r in rows if "val_loss" in r]
+        recent = [r["loss"] for r in rows[-10:]]  # one batch's loss is noisy: the mean of the last 10 logged
         json.dump({"step": step, "tokens_seen": rows[-1]["tokens_seen"] if rows else None,
-                   "train_loss": rows[-1]["loss"] if rows else None,
+                   "train_loss": sum(recent) / len(recent) if recent else None,
+                   "train_loss_steps": [rows[-10:][0]["step"], rows[-1]["step"]] if rows else None,
                    "val_loss": val[-1]["val_loss"] if val else None}, f, indent=2)
-    if os.path.isdir(final):
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
+    replace_dir(tmp, final)
 
 
 def tqdm_write(msg: str) -> None:
