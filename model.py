@@ -270,16 +270,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 class LatentCache:
     """Preallocated per-layer cache of MLA's compressed KV: the normalised latent c [dc] and the roped shared key
-    kr [dr] for every token: (dc + dr) values per token per layer, instead of 2 * n * head_dim."""
+    kr [dr] for every token, (dc + dr) values per token per layer instead of 2 * n * head_dim. Both live side by
+    side in one tensor, so [c | kr] is the absorbed attention's key and c its value without a copy per step."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        L = config.num_hidden_layers
-        self.latent = torch.zeros(L, batch_size, max_len, config.kv_lora_rank, device=device, dtype=dtype)
-        self.rope_key = torch.zeros(L, batch_size, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+        L, self.dc = config.num_hidden_layers, config.kv_lora_rank
+        self.kv = torch.zeros(L, batch_size, max_len, self.dc + config.qk_rope_head_dim, device=device, dtype=dtype)
         self.max_len = max_len
 
+    @property
+    def latent(self) -> torch.Tensor:  # [L, B, S, dc]
+        return self.kv[..., :self.dc]
+
+    @property
+    def rope_key(self) -> torch.Tensor:  # [L, B, S, dr]
+        return self.kv[..., self.dc:]
+
     def bytes_per_token_per_layer(self) -> int:
-        return (self.latent.shape[-1] + self.rope_key.shape[-1]) * self.latent.element_size()
+        return self.kv.shape[-1] * self.kv.element_size()
 
 
 class MLA(nn.Module):
@@ -323,9 +331,7 @@ class MLA(nn.Module):
         if cache is None or start_pos == 0:
             out = self._expanded(q_nope, q_rope, latent, k_rope)
         else:
-            end = start_pos + T
-            out = self._absorbed(q_nope, q_rope, cache.latent[self.layer_idx, :B, :end],
-                                 cache.rope_key[self.layer_idx, :B, :end], start_pos)
+            out = self._absorbed(q_nope, q_rope, cache.kv[self.layer_idx, :B, :start_pos + T], start_pos)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.dv))
 
     def _expanded(self, q_nope, q_rope, latent, k_rope):
@@ -337,23 +343,23 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, n, T, dv]
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, start_pos: int):
+    def _absorbed(self, q_nope, q_rope, kv, start_pos: int):
         """Decode: fold W_UK into the query and W_UV into the output, so attention runs over the cached latents
-        directly (q_nope . W_UK c = (W_UK^T q_nope) . c) and the cache is never re-expanded per step."""
-        T, S = q_nope.shape[2], latent.shape[1]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.dc)
+        directly (q_nope . W_UK c = (W_UK^T q_nope) . c) and the cache is never re-expanded per step.
+
+        kv [B, S, dc + dr] is the cache ([c | kr] per position). Every head attends to the same keys (one latent
+        per token), so the heads are folded into the rows of a single matmul: [B, n*T, dc+dr] @ [B, dc+dr, S]."""
+        B, n, T, _ = q_nope.shape
+        S = kv.shape[1]
+        w = self.kv_b_proj.weight.view(n, self.dn + self.dv, self.dc)
         w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [n, dn, dc], [n, dv, dc]
-        q_latent = torch.einsum("bhtd,hdc->bhtc", q_nope, w_uk)  # [B, n, T, dc]
-        q = torch.cat([q_latent, q_rope], dim=-1)  # [B, n, T, dc+dr]
-        k = torch.cat([latent, k_rope], dim=-1).unsqueeze(1)  # [B, 1, S, dc+dr]: one key "head" for all heads
-        mask = None
+        q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1).view(B, n * T, self.dc + self.dr)
+        scores = torch.matmul(q, kv.transpose(1, 2)).mul_(self.scale)  # [B, n*T, S]
         if T > 1:  # several new tokens at once: token t may see cache positions <= start_pos + t
-            mask = torch.arange(S, device=q.device)[None, :] <= (start_pos + torch.arange(T, device=q.device))[:, None]
-        B = q.shape[0]
-        k = k.expand(B, self.n_heads, S, self.dc + self.dr)
-        v = latent.unsqueeze(1).expand(B, self.n_heads, S, self.dc)
-        o_latent = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [B, n, T, dc]
-        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)  # [B, n, T, dv]
+            future = torch.arange(S, device=q.device) > (start_pos + torch.arange(T, device=q.device))[:, None]
+            scores.masked_fill_(future.repeat(n, 1), float("-inf"))
+        o_latent = torch.matmul(scores.softmax(-1), kv[..., :self.dc])  # [B, n*T, dc]
+        return torch.matmul(o_latent.view(B, n, T, self.dc), w_uv.transpose(1, 2))  # [B, n, T, dv]
 
 
 class MLP(nn.Module):
@@ -446,11 +452,12 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
         xs = x[token_of]  # [N*K, d], grouped by expert
         outs = []
-        for e, xe in enumerate(xs.split(counts)):
+        # unbind, not gate_up_proj[e]: indexing one expert costs a full-size zero gradient per expert in backward
+        for xe, w_gate_up, w_down in zip(xs.split(counts), self.gate_up_proj.unbind(0), self.down_proj.unbind(0)):
             if xe.shape[0] == 0:
                 continue
-            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            gate, up = F.linear(xe, w_gate_up).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, w_down))
         ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
@@ -525,32 +532,43 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The gradients are formed in the forward pass, chunk by chunk (softmax - onehot), so the backward pass is just
     a scale. Same FLOPs as the plain version; peak memory drops from N*V to chunk*V floats.
+
+    Speed (bench/bench_train.py): the logits are laid out vocab-major, [V, chunk] = W @ h^T. With d = 192 the three
+    lm_head GEMMs are thin, and MKL runs the vocab-major forms (W @ h^T, P @ h, P^T @ W) ~1.3x faster on this CPU
+    than the token-major ones. The softmax is written out as five in-place passes (max, sub, exp, sum, scale) over
+    the one buffer: torch's fused log_softmax over dim 0 is 4x slower, and logsumexp allocates temporaries.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int):
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
+        scale = valid.float() / n_valid  # d(mean loss)/d(token loss); 0 for ignored tokens
+        safe_targets = targets.clamp(min=0)
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_w = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
         for start in range(0, h.shape[0], chunk_size):
-            hc, tc, vc = h[start:start + chunk_size], targets[start:start + chunk_size], valid[start:start + chunk_size]
-            logits = (hc @ weight.t()).float()  # [chunk, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = tc.clamp(min=0).unsqueeze(1)
-            total += ((lse - logits.gather(1, safe_t).squeeze(1)) * vc).sum()
+            hc = h[start:start + chunk_size]
+            tc = safe_targets[start:start + chunk_size].unsqueeze(0)  # [1, c]
+            sc = scale[start:start + chunk_size]
+            logits = (weight.to(h.dtype) @ hc.t()).float()  # [V, c]
+            target_logit = logits.gather(0, tc).squeeze(0)
+            peak = logits.amax(0)
+            probs = logits.sub_(peak).exp_()  # unnormalised, in place
+            sums = probs.sum(0)
+            total += ((peak + sums.log() - target_logit) * sc).sum()
             if needs_grad:
-                probs = torch.exp_(logits.sub_(lse.unsqueeze(1)))
-                probs.scatter_add_(1, safe_t, -torch.ones_like(safe_t, dtype=probs.dtype))
-                probs.mul_((vc.float() / n_valid).unsqueeze(1))
-                probs = probs.to(h.dtype)
-                grad_h[start:start + chunk_size] = probs @ weight.to(h.dtype)
-                grad_w.addmm_(probs.t().float(), hc.float())
+                probs.mul_(sc / sums).scatter_add_(0, tc, -sc.unsqueeze(0))  # (softmax - onehot) * scale
+                grad_h[start:start + chunk_size] = probs.t().to(h.dtype) @ weight.to(h.dtype)
+                if start == 0:
+                    torch.mm(probs, hc.float(), out=grad_w)
+                else:
+                    grad_w.addmm_(probs, hc.float())
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total / n_valid
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -689,13 +707,16 @@ class SmolLM2DeepSeek(nn.Module):
         device = self.lm_head.weight.device
         ids = ids.to(device)
         cache = LatentCache(cfg, 1, ids.shape[1] + max_new_tokens, device, self.lm_head.weight.dtype)
+        # [d, V] copy of the lm_head, made once per call: for one token MKL's row-vector @ [d, V] is ~3x faster
+        # than @ [V, d]^T, and the head is a third of a decode step (bench/bench_decode.py)
+        head = self.lm_head.weight.t().contiguous()
         first_moe = cfg.first_k_dense_replace
         try:
             pos, step_ids = 0, ids
             for _ in range(max_new_tokens):
                 layers = [] if return_routing else None
                 h = self.hidden_states(step_ids, cache, pos, layers)
-                logits = self.lm_head(h[:, -1]).float()[0]  # [V]
+                logits = (h[0, -1] @ head).float()  # [V]
                 token = self._sample(logits, temperature, top_k, generator)
                 if eos is not None and token == eos:
                     return

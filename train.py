@@ -332,8 +332,10 @@ def build_optimizer(model: SmolLM2DeepSeek, cfg: TrainConfig, device) -> torch.o
     for p in model.parameters():
         (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one pass over each tensor instead of ~10 foreach passes (5x faster on CPU: 15 vs 75 ms per step for
+    # the 9.4M-entry embedding of config_cpu.yaml)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cpu", "cuda"))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -9,10 +9,12 @@ import tempfile
 import torch
 
 from common import REFERENCE, best_time, matmul_peak_gflops, ours, transformers_twin
+from train import TrainConfig, build_optimizer
 
 
 def train_step_fn(model, ids, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    # the trainer's optimiser (train.py: AdamW, fused, no decay on norms/embedding) for both models
+    opt = build_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
     model.train()
 
     def step():
@@ -24,6 +26,9 @@ def train_step_fn(model, ids, hf: bool):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not hf:  # our step includes the loss-free balancing update, as in train.py
+            model.update_bias()
+            model.reset_expert_loads()
 
     return step
 
