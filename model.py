@@ -244,9 +244,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics whatever the activation dtype, as transformers does (parity needs the same rounding)
         dtype = x.dtype
-        x = x.float()
+        if dtype != torch.float32:
+            x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * (x if dtype == torch.float32 else x.to(dtype))
 
 
 def rope_tables(dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,17 +275,9 @@ class LatentCache:
     side in one tensor, so [c | kr] is the absorbed attention's key and c its value without a copy per step."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        L, self.dc = config.num_hidden_layers, config.kv_lora_rank
-        self.kv = torch.zeros(L, batch_size, max_len, self.dc + config.qk_rope_head_dim, device=device, dtype=dtype)
+        L, dc, dr = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
+        self.kv = torch.zeros(L, batch_size, max_len, dc + dr, device=device, dtype=dtype)  # [L, B, S, dc + dr]
         self.max_len = max_len
-
-    @property
-    def latent(self) -> torch.Tensor:  # [L, B, S, dc]
-        return self.kv[..., :self.dc]
-
-    @property
-    def rope_key(self) -> torch.Tensor:  # [L, B, S, dr]
-        return self.kv[..., self.dc:]
 
     def bytes_per_token_per_layer(self) -> int:
         return self.kv.shape[-1] * self.kv.element_size()
@@ -326,8 +319,7 @@ class MLA(nn.Module):
         latent = self.kv_a_layernorm(latent)  # [B, T, dc]
         k_rope = apply_rope(k_rope, cos, sin, self.interleave)  # [B, T, dr]
         if cache is not None:
-            cache.latent[self.layer_idx, :B, start_pos:start_pos + T] = latent
-            cache.rope_key[self.layer_idx, :B, start_pos:start_pos + T] = k_rope
+            cache.kv[self.layer_idx, :B, start_pos:start_pos + T] = torch.cat([latent, k_rope], dim=-1)
         if cache is None or start_pos == 0:
             out = self._expanded(q_nope, q_rope, latent, k_rope)
         else:
@@ -443,9 +435,16 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], experts/weights [N, K] -> [N, d]. Token copies are sorted by expert so each expert does one
         contiguous matmul over all its tokens; outputs are scattered back with one index_add. The loop runs over
-        experts (E matmuls), never over tokens; bench/bench_experts.py compares it with a padded bmm (torch's
-        grouped_mm has no CPU backward in 2.13)."""
+        experts (E matmuls), never over tokens (torch._grouped_mm would make it one call, but its backward fails
+        on CPU in torch 2.13)."""
         N, K = experts.shape
+        if N == 1 and not torch.is_grad_enabled():
+            # decoding one token: call its K experts directly; the sort/scatter below costs more than they do
+            y = torch.zeros_like(x)
+            for e, w in zip(experts[0].tolist(), weights[0].tolist()):
+                gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+                y += w * F.linear(F.silu(gate) * up, self.down_proj[e])
+            return y
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         token_of = order // K  # which token each sorted copy came from
@@ -605,6 +604,7 @@ class SmolLM2DeepSeek(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_chunk_size = 1024
+        self._head_t, self._head_key = None, None  # see _decoding_head
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -707,9 +707,7 @@ class SmolLM2DeepSeek(nn.Module):
         device = self.lm_head.weight.device
         ids = ids.to(device)
         cache = LatentCache(cfg, 1, ids.shape[1] + max_new_tokens, device, self.lm_head.weight.dtype)
-        # [d, V] copy of the lm_head, made once per call: for one token MKL's row-vector @ [d, V] is ~3x faster
-        # than @ [V, d]^T, and the head is a third of a decode step (bench/bench_decode.py)
-        head = self.lm_head.weight.t().contiguous()
+        head = self._decoding_head()
         first_moe = cfg.first_k_dense_replace
         try:
             pos, step_ids = 0, ids
@@ -730,6 +728,18 @@ class SmolLM2DeepSeek(nn.Module):
                 step_ids = torch.tensor([[token]], device=device)
         finally:
             self.train(was_training)
+
+    def _decoding_head(self) -> torch.Tensor:
+        """The lm_head as a contiguous [d, V] copy. For one token MKL's row-vector @ [d, V] is ~3x faster than
+        @ [V, d]^T, and the head is a third of a decode step. The copy itself is slow (~40 ms for 49152 x 192), so
+        it is kept until the weight changes (an optimizer step or a load bumps the tensor's version)."""
+        w = self.lm_head.weight
+        if w.is_inference():  # made under inference_mode: no version counter, so no safe reuse
+            return w.t().contiguous()
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if self._head_key != key:
+            self._head_t, self._head_key = w.detach().t().contiguous(), key
+        return self._head_t
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> int:

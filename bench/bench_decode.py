@@ -39,7 +39,7 @@ def main():
                 return hf.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)
 
         same = run_ours() == run_hf()
-        t_ours, t_hf = best_time(run_ours, repeats=2), best_time(run_hf, repeats=2)
+        t_ours, t_hf = best_time(run_ours, repeats=4), best_time(run_hf, repeats=4)
         p_ours, p_hf = best_time(run_prefill_ours, repeats=2), best_time(run_prefill_hf, repeats=2)
         d_ours = (args.new - 1) / max(t_ours - p_ours, 1e-9)
         d_hf = (args.new - 1) / max(t_hf - p_hf, 1e-9)

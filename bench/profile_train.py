@@ -8,6 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import ModelConfig, SmolLM2DeepSeek
+from train import TrainConfig, build_optimizer
 
 
 def main():
@@ -20,7 +21,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     model = SmolLM2DeepSeek(ModelConfig.from_yaml(args.config)).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = build_optimizer(model, TrainConfig(lr=1e-4), device)  # the trainer's optimiser
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 

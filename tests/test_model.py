@@ -170,6 +170,10 @@ def test_chunked_loss_and_gradients_match_plain_cross_entropy():
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    model.zero_grad()  # a scaled loss (grad accumulation divides it) scales the precomputed gradients
+    (model(ids, targets)[1] * 0.25).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n] * 0.25, p.grad, atol=1e-6), n
 
 
 def test_bias_moves_only_through_update_bias_never_the_optimizer():
@@ -286,3 +290,23 @@ def test_parameter_cli_prints_counts(capsys, monkeypatch):
     model_module.main()
     out = capsys.readouterr().out
     assert "active" in out and "total" in out and "ratio 0.375" in out
+
+
+def test_decoding_head_copy_follows_weight_updates():
+    torch.manual_seed(0)
+    model = SmolLM2DeepSeek(tiny_config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    prompt = [5, 17, 33, 2]
+    first = [t.token_id for t in model.generate(prompt, 5, temperature=0, eos_token_id=None)]
+    assert model._decoding_head() is model._decoding_head()  # kept between calls
+    with torch.no_grad():  # an in-place update, as an optimizer step makes: the kept copy must not be used
+        model.lm_head.weight.normal_(0, 0.5)
+    second = [t.token_id for t in model.generate(prompt, 5, temperature=0, eos_token_id=None)]
+    ids = list(prompt)
+    for tok in second:
+        with torch.no_grad():
+            assert tok == int(model(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(tok)
+    assert second != first
