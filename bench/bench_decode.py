@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from common import REFERENCE, best_time, ours, transformers_twin
+from common import REFERENCE, ModelConfig, best_time, ours, transformers_twin
 
 
 def main():
@@ -50,8 +50,6 @@ def main():
     ours_values = cfg.kv_cache_values_per_token
     print(f"KV cache per token per layer: ours {ours_values} values ({ours_values * 4} B fp32) for this config; "
           f"transformers' cache stores the same latents here (it re-expands them every step)")
-    from model import ModelConfig
-
     full = ModelConfig.from_yaml("config_smollm2_135.yaml")
     print(f"full model: {full.kv_cache_values_per_token} values vs SmolLM2-135M GQA 384 "
           f"-> ratio {full.kv_cache_values_per_token / 384:.3f} (goal <= 0.40)")

@@ -11,6 +11,7 @@ on the CPU; the run is short (a comparison, not a trained model), and the tokens
 transformers' eager speed, not a tuned baseline.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import ModelConfig, SmolLM2DeepSeek, dataclass_from_dict, read_yaml  # noqa: E402
-from train import TrainConfig, build_data, build_optimizer, load_tokenizer, lr_at  # noqa: E402
+from model import SmolLM2DeepSeek  # noqa: E402
+from train import TrainConfig, build_data, build_optimizer, load_configs, load_tokenizer, lr_at  # noqa: E402
 
 
 def dense_twin(ours: SmolLM2DeepSeek, kv_heads: int):
@@ -105,19 +106,18 @@ def main():
     p.add_argument("--out", default="results/dense_vs_moe")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.txt"), "a")
+    log_path = os.path.join(args.out, "log.txt")
 
     def log(msg):
         print(msg, flush=True)
-        log_file.write(msg + "\n")
-        log_file.flush()
+        with open(log_path, "a") as f:
+            f.write(msg + "\n")
 
-    sections = read_yaml(args.config)
-    model_cfg = ModelConfig.from_dict(sections.get("model", {}))
-    train_values = dict(sections.get("train", {}))
-    train_values.update(steps=args.steps, eval_every=args.eval_every,
-                        warmup_steps=min(train_values.get("warmup_steps", 100), args.steps // 10))
-    cfg = dataclass_from_dict(TrainConfig, train_values, f"{args.config}: train")
+    # train.py's loader (same validation); only the step count comes from the command line here
+    overrides = dict.fromkeys(["extra_steps", "seed", "batch_size", "grad_accum_steps", "lr", "seq_len"])
+    model_cfg, cfg = load_configs(SimpleNamespace(config=args.config, steps=args.steps, tokenizer=None,
+                                                  no_balance=False, **overrides))
+    cfg = dataclasses.replace(cfg, eval_every=args.eval_every, warmup_steps=min(cfg.warmup_steps, args.steps // 10))
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     data_args = SimpleNamespace(data=[args.data], val_data=[args.val_data])
 
