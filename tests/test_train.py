@@ -143,13 +143,18 @@ def test_phase_two_starts_from_phase_one_checkpoint(data, reference_run, tmp_pat
     assert got[9] == ref[9] and got[10] == ref[10]  # same weights, optimizer state and data position
 
 
+def train_then_truncate(data, out, steps: int, name: str, keep) -> None:
+    """Train `steps` steps into `out`, then cut step_<steps>/<name> to keep(size) bytes, as a crash or full disk would."""
+    result = run(train_cmd(data, out, "--steps", str(steps), "--extra-steps", "0"), data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = out / f"step_{steps}" / name
+    with open(path, "r+b") as f:
+        f.truncate(keep(os.path.getsize(path)))
+
+
 def test_truncated_checkpoint_is_reported_and_previous_one_used(data, tmp_path):
     out = tmp_path / "damaged"
-    result = run(train_cmd(data, out, "--steps", "6", "--extra-steps", "0"), data)
-    assert result.returncode == 0, result.stderr[-3000:]
-    weights = out / "step_6" / "model.safetensors"
-    with open(weights, "r+b") as f:
-        f.truncate(os.path.getsize(weights) // 2)
+    train_then_truncate(data, out, 6, "model.safetensors", keep=lambda size: size // 2)
     good = (out / "step_3" / "model.safetensors").read_bytes()
     result = run(train_cmd(data, out, "--steps", "4", "--extra-steps", "0"), data)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -162,11 +167,7 @@ def test_truncated_checkpoint_is_reported_and_previous_one_used(data, tmp_path):
 
 def test_truncated_training_state_is_named(data, tmp_path):
     out = tmp_path / "damaged_state"
-    result = run(train_cmd(data, out, "--steps", "3", "--extra-steps", "0"), data)
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = out / "step_3" / "training_state.pt"
-    with open(state, "r+b") as f:
-        f.truncate(100)
+    train_then_truncate(data, out, 3, "training_state.pt", keep=lambda size: 100)
     result = run(train_cmd(data, out, "--checkpoint_path", str(out / "step_3"), "--steps", "4"), data)
     assert result.returncode == 2
     assert "training_state.pt" in result.stderr and "corrupt" in result.stderr
