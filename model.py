@@ -539,12 +539,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int):
+    def forward(ctx, h, weight, targets, chunk_size: int, workspace: torch.Tensor | None = None,
+                grad_enabled: bool = True):
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
         scale = valid.float() / n_valid  # d(mean loss)/d(token loss); 0 for ignored tokens
         safe_targets = targets.clamp(min=0)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # needs_input_grad is True under no_grad too, so the caller says whether a backward can follow (evaluation
+        # would otherwise pay for the two gradient GEMMs it never uses)
+        needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if needs_grad else None
         grad_w = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
@@ -552,7 +555,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             hc = h[start:start + chunk_size]
             tc = safe_targets[start:start + chunk_size].unsqueeze(0)  # [1, c]
             sc = scale[start:start + chunk_size]
-            logits = (weight.to(h.dtype) @ hc.t()).float()  # [V, c]
+            if workspace is not None:  # [V, c] view of the caller's reused buffer
+                logits = torch.mm(weight, hc.t(), out=workspace[:weight.shape[0] * hc.shape[0]].view(-1, hc.shape[0]))
+            else:
+                logits = (weight.to(h.dtype) @ hc.t()).float()  # [V, c]
             target_logit = logits.gather(0, tc).squeeze(0)
             peak = logits.amax(0)
             probs = logits.sub_(peak).exp_()  # unnormalised, in place
@@ -572,7 +578,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None
+        # in place: a copy of grad_w would be another 37 MB allocation (the version counter still stops a second
+        # backward through the same graph from reusing the scaled tensors)
+        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -605,6 +613,7 @@ class SmolLM2DeepSeek(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_chunk_size = 1024
         self._head_t, self._head_key = None, None  # see _decoding_head
+        self._loss_buffer = None  # see _logits_workspace
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -646,12 +655,26 @@ class SmolLM2DeepSeek(nn.Module):
         if targets is None:
             return self.lm_head(h)
         B, T, d = h.shape
-        loss = LinearCrossEntropy.apply(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T),
-                                        self.loss_chunk_size)
+        w = self.lm_head.weight
+        loss = LinearCrossEntropy.apply(h.reshape(B * T, d), w, targets.reshape(B * T), self.loss_chunk_size,
+                                        self._logits_workspace(h, min(B * T, self.loss_chunk_size)),
+                                        torch.is_grad_enabled())
         for moe in self.moe_layers:
             if moe.aux_loss is not None:
                 loss = loss + moe.aux_loss
         return None, loss
+
+    def _logits_workspace(self, h: torch.Tensor, columns: int) -> torch.Tensor | None:
+        """A flat fp32 buffer for the loss's [V, chunk] logits, kept between steps on CPU. glibc hands a freed block
+        this large (100 MB for 512 tokens) back to the OS, so a fresh one per step page-faults back in and made the
+        first lm_head GEMM 2x slower (130 vs 65 ms). CUDA's caching allocator already reuses its blocks."""
+        w = self.lm_head.weight
+        if not (h.device.type == "cpu" and h.dtype == w.dtype == torch.float32):
+            return None
+        needed = w.shape[0] * columns
+        if self._loss_buffer is None or self._loss_buffer.numel() < needed:
+            self._loss_buffer = torch.empty(needed)
+        return self._loss_buffer
 
     # -- load balancing ------------------------------------------------------------------------------------------
     def expert_loads(self) -> torch.Tensor:

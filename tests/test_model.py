@@ -174,6 +174,13 @@ def test_chunked_loss_and_gradients_match_plain_cross_entropy():
     (model(ids, targets)[1] * 0.25).backward()
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n] * 0.25, p.grad, atol=1e-6), n
+    # evaluation (no grad, forms no gradients) on a larger batch: the reused logits buffer grows, values still right
+    with torch.no_grad():
+        more_ids, more_targets = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
+        model.loss_chunk_size = 1024
+        eval_loss = model(more_ids, more_targets)[1]
+        ref = torch.nn.functional.cross_entropy(model(more_ids).view(-1, 97), more_targets.view(-1))
+    assert eval_loss.item() == pytest.approx(ref.item(), abs=1e-5)
 
 
 def test_bias_moves_only_through_update_bias_never_the_optimizer():
