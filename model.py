@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import typing
 from dataclasses import dataclass
 from typing import Iterator
@@ -438,8 +439,15 @@ class Experts(nn.Module):
         experts (E matmuls), never over tokens (torch._grouped_mm would make it one call, but its backward fails
         on CPU in torch 2.13)."""
         N, K = experts.shape
+        if N == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+            # decoding one token, traced by compile_decoding: the K experts' weights are gathered by tensor index
+            # (a .tolist() would break the graph and specialise it on every choice of experts)
+            ids = experts[0]
+            gate, up = torch.bmm(self.gate_up_proj[ids], x.expand(K, -1).unsqueeze(-1)).chunk(2, dim=1)  # [K, I, 1]
+            out = torch.bmm(self.down_proj[ids], F.silu(gate) * up).squeeze(-1)  # [K, d]
+            return (weights[0].unsqueeze(-1).to(x.dtype) * out).sum(0, keepdim=True)
         if N == 1 and not torch.is_grad_enabled():
-            # decoding one token: call its K experts directly; the sort/scatter below costs more than they do
+            # decoding one token eagerly: call its K experts directly; the sort/scatter below costs more than they do
             y = torch.zeros_like(x)
             for e, w in zip(experts[0].tolist(), weights[0].tolist()):
                 gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
@@ -614,6 +622,7 @@ class SmolLM2DeepSeek(nn.Module):
         self.loss_chunk_size = 1024
         self._head_t, self._head_key = None, None  # see _decoding_head
         self._loss_buffer = None  # see _logits_workspace
+        self._compiled_step = None  # see compile_decoding
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -736,7 +745,10 @@ class SmolLM2DeepSeek(nn.Module):
             pos, step_ids = 0, ids
             for _ in range(max_new_tokens):
                 layers = [] if return_routing else None
-                h = self.hidden_states(step_ids, cache, pos, layers)
+                if self._compiled_step is not None and step_ids.shape[1] == 1 and not return_routing:
+                    h = self._compiled_step(step_ids, cache, pos)
+                else:
+                    h = self.hidden_states(step_ids, cache, pos, layers)
                 logits = (h[0, -1] @ head).float()  # [V]
                 token = self._sample(logits, temperature, top_k, generator)
                 if eos is not None and token == eos:
@@ -751,6 +763,18 @@ class SmolLM2DeepSeek(nn.Module):
                 step_ids = torch.tensor([[token]], device=device)
         finally:
             self.train(was_training)
+
+    def compile_decoding(self) -> None:
+        """From now on generate() runs each one-token step through torch.compile (inductor, dynamic shapes: one
+        graph for every position and cache length). Eagerly, a step is ~1500 small ATen calls (norms, rope, the
+        absorbed attention, routing) whose per-call overhead outweighs their arithmetic at this size; inductor fuses
+        them into a few C++ loops around the GEMVs (bench/bench_decode.py measures both). Needs a C++ compiler; the
+        first step compiles (tens of seconds on 2 cores, seconds with inductor's disk cache warm). The prompt's
+        prefill and steps that capture routing stay eager."""
+        if self.lm_head.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            raise RuntimeError("compile_decoding needs a C++ compiler (g++, c++ or clang++ on PATH) for "
+                               "torch.compile's CPU backend; without one, generate() runs eagerly")
+        self._compiled_step = torch.compile(self.hidden_states, dynamic=True)
 
     def _decoding_head(self) -> torch.Tensor:
         """The lm_head as a contiguous [d, V] copy. For one token MKL's row-vector @ [d, V] is ~3x faster than

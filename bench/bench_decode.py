@@ -1,51 +1,71 @@
-"""Greedy decoding: ours (latent cache, absorbed MLA) vs transformers' generate with its cache, after a 64-token and a
-1024-token prompt; and the KV-cache bytes per token per layer vs SmolLM2-135M's GQA.
+"""Greedy decoding: ours (latent cache, absorbed MLA; eager, then with compile_decoding) vs transformers' generate
+with its cache, after a 64-token and a 1024-token prompt; and the KV-cache bytes per token per layer vs
+SmolLM2-135M's GQA.
 
-    python bench/bench_decode.py [--new 32] [--prompts 64 1024]
+    python bench/bench_decode.py [--new 32] [--prompts 64 1024] [--no-compile]
 """
 import argparse
 import tempfile
+import time
 
 import torch
 
 from common import REFERENCE, ModelConfig, best_time, ours, transformers_twin
 
 
+def decode_rate(generate_tokens, n_new: int) -> tuple[float, float]:
+    """(end-to-end, decode-only) tokens/s; decode-only takes the prefill (a 1-token run) out of the time."""
+    total = best_time(lambda: generate_tokens(n_new), repeats=4)
+    prefill = best_time(lambda: generate_tokens(1), repeats=2)
+    return n_new / total, (n_new - 1) / max(total - prefill, 1e-9)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--new", type=int, default=32, help="tokens generated per run")
     p.add_argument("--prompts", type=int, nargs="+", default=[64, 1024])
+    p.add_argument("--no-compile", action="store_true", help="skip the compile_decoding measurement")
     args = p.parse_args()
     model = ours().eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf = transformers_twin(model, tmp).eval()
-    for n_prompt in args.prompts:
-        prompt = torch.randint(1, REFERENCE["vocab_size"], (1, n_prompt), generator=torch.Generator().manual_seed(0))
+    prompts = {n: torch.randint(1, REFERENCE["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
+               for n in args.prompts}
 
-        def run_ours():
-            return [t.token_id for t in model.generate(prompt[0].tolist(), args.new, temperature=0, eos_token_id=None)]
+    def ours_tokens(n_prompt):
+        return lambda n: [t.token_id for t in model.generate(prompts[n_prompt][0].tolist(), n, temperature=0,
+                                                              eos_token_id=None)]
 
-        def run_hf():
+    def hf_tokens(n_prompt):
+        def run(n):
             with torch.inference_mode():
-                out = hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                out = hf.generate(prompts[n_prompt], max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                   use_cache=True, pad_token_id=0)
             return out[0, n_prompt:].tolist()
+        return run
 
-        def run_prefill_ours():  # prefill alone, to separate decode speed from prompt processing
-            return next(model.generate(prompt[0].tolist(), 1, temperature=0, eos_token_id=None))
-
-        def run_prefill_hf():
-            with torch.inference_mode():
-                return hf.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0)
-
-        same = run_ours() == run_hf()
-        t_ours, t_hf = best_time(run_ours, repeats=4), best_time(run_hf, repeats=4)
-        p_ours, p_hf = best_time(run_prefill_ours, repeats=2), best_time(run_prefill_hf, repeats=2)
-        d_ours = (args.new - 1) / max(t_ours - p_ours, 1e-9)
-        d_hf = (args.new - 1) / max(t_hf - p_hf, 1e-9)
-        print(f"prompt {n_prompt}: end-to-end {args.new / t_ours:.1f} vs {args.new / t_hf:.1f} tok/s "
-              f"(ratio {t_hf / t_ours:.2f}x); decode only {d_ours:.1f} vs {d_hf:.1f} tok/s (ratio {d_ours / d_hf:.2f}x)"
-              f"; same greedy tokens: {same}")
+    rates = {}
+    for n_prompt in args.prompts:
+        same = ours_tokens(n_prompt)(args.new) == hf_tokens(n_prompt)(args.new)
+        rates[n_prompt] = {"transformers": decode_rate(hf_tokens(n_prompt), args.new),
+                           "ours eager": decode_rate(ours_tokens(n_prompt), args.new), "same": same}
+    if not args.no_compile:
+        model.compile_decoding()
+        start = time.perf_counter()
+        ours_tokens(args.prompts[0])(3)  # the first one-token step compiles
+        print(f"compile_decoding: first compiled step after {time.perf_counter() - start:.1f} s")
+        for n_prompt in args.prompts:
+            rates[n_prompt]["same compiled"] = ours_tokens(n_prompt)(args.new) == hf_tokens(n_prompt)(args.new)
+            rates[n_prompt]["ours compiled"] = decode_rate(ours_tokens(n_prompt), args.new)
+    for n_prompt, r in rates.items():
+        hf_total, hf_decode = r["transformers"]
+        print(f"prompt {n_prompt}: transformers {hf_decode:.1f} tok/s decode only ({hf_total:.1f} end-to-end)")
+        for name in ["ours eager", "ours compiled"]:
+            if name in r:
+                total, decode = r[name]
+                same = r["same" if name == "ours eager" else "same compiled"]
+                print(f"  {name:13s} {decode:6.1f} tok/s decode only, ratio {decode / hf_decode:.2f}x (goal >= 3x); "
+                      f"end-to-end {total:.1f} tok/s, {total / hf_total:.2f}x; same greedy tokens: {same}")
     cfg = model.config
     ours_values = cfg.kv_cache_values_per_token
     print(f"KV cache per token per layer: ours {ours_values} values ({ours_values * 4} B fp32) for this config; "
