@@ -569,16 +569,26 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits = (weight.to(h.dtype) @ hc.t()).float()  # [V, c]
             target_logit = logits.gather(0, tc).squeeze(0)
             peak = logits.amax(0)
-            probs = logits.sub_(peak).exp_()  # unnormalised, in place
-            sums = probs.sum(0)
+            # exp(z - peak) in place, in row blocks of ~4 MB that stay in cache while they are shifted,
+            # exponentiated and summed: one pass over the [V, c] buffer from memory instead of three
+            sums = torch.zeros_like(peak)
+            rows = max(1, (1 << 20) // logits.shape[1])
+            for block in logits.split(rows):
+                sums += block.sub_(peak).exp_().sum(0)
             total += ((peak + sums.log() - target_logit) * sc).sum()
             if needs_grad:
-                probs.mul_(sc / sums).scatter_add_(0, tc, -sc.unsqueeze(0))  # (softmax - onehot) * scale
-                grad_h[start:start + chunk_size] = probs.t().to(h.dtype) @ weight.to(h.dtype)
+                # d loss / d z = (exp(z - peak) / sums - onehot) * scale. The per-token factor scale / sums goes into
+                # the small [c, d] operands of the GEMMs, not over the [V, c] buffer: (E diag(f)) h = E (diag(f) h);
+                # the one-hot term touches only the target rows.
+                f = (sc / sums).unsqueeze(1)  # [c, 1]
+                hf = hc.float()
+                grad_h[start:start + chunk_size] = ((logits.t().to(h.dtype) @ weight.to(h.dtype)) * f
+                                                    - sc.unsqueeze(1) * weight[tc[0]].to(h.dtype))
                 if start == 0:
-                    torch.mm(probs, hc.float(), out=grad_w)
+                    torch.mm(logits, hf * f, out=grad_w)
                 else:
-                    grad_w.addmm_(probs, hc.float())
+                    grad_w.addmm_(logits, hf * f)
+                grad_w.index_add_(0, tc[0], hf * -sc.unsqueeze(1))
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
