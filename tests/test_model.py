@@ -23,6 +23,17 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig.from_dict({**TINY, **overrides})
 
 
+def spread_model(**overrides) -> SmolLM2DeepSeek:
+    """A seeded tiny model in eval mode with weights wider than the init (std 0.2), so that a wrong decoding path
+    shows in the logits and the greedy tokens."""
+    torch.manual_seed(0)
+    model = SmolLM2DeepSeek(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
 def hf_model(**overrides):
     """A random transformers DeepseekV3ForCausalLM with non-trivial router biases and norm weights."""
     values = {**TINY, **overrides}
@@ -102,11 +113,7 @@ def test_bf16_save_keeps_bias_fp32_and_reloads(tmp_path):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=12, rope_interleave=False, n_group=2, topk_group=1)])
 def test_latent_cache_decoding_matches_full_forward(overrides):
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+    model = spread_model(**overrides)
     from model import LatentCache
 
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
@@ -301,11 +308,7 @@ def test_parameter_cli_prints_counts(capsys, monkeypatch):
 
 
 def test_decoding_head_copy_follows_weight_updates():
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+    model = spread_model()
     prompt = [5, 17, 33, 2]
     first = [t.token_id for t in model.generate(prompt, 5, temperature=0, eos_token_id=None)]
     assert model._decoding_head() is model._decoding_head()  # kept between calls
@@ -325,11 +328,7 @@ def test_decoding_head_copy_follows_weight_updates():
 def test_compiled_decoding_matches_eager_decoding():
     from model import LatentCache
 
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config()).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+    model = spread_model()
     prompts = [[5, 17, 33, 2], list(range(1, 30))]  # two cache lengths: one dynamic-shape graph serves both
     eager = [[t.token_id for t in model.generate(p, 8, temperature=0, eos_token_id=None)] for p in prompts]
     model.compile_decoding()
