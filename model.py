@@ -674,8 +674,8 @@ class SmolLM2DeepSeek(nn.Module):
         if targets is None:
             return self.lm_head(h)
         B, T, d = h.shape
-        w = self.lm_head.weight
-        loss = LinearCrossEntropy.apply(h.reshape(B * T, d), w, targets.reshape(B * T), self.loss_chunk_size,
+        loss = LinearCrossEntropy.apply(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T),
+                                        self.loss_chunk_size,
                                         self._logits_workspace(h, min(B * T, self.loss_chunk_size)),
                                         torch.is_grad_enabled())
         for moe in self.moe_layers:

@@ -20,6 +20,11 @@ def decode_rate(generate_tokens, n_new: int) -> tuple[float, float]:
     return n_new / total, (n_new - 1) / max(total - prefill, 1e-9)
 
 
+def measure_ours(ours_run, hf_run, n_new: int) -> tuple[float, float, bool]:
+    """decode_rate of ours, and whether its greedy tokens equal transformers'."""
+    return *decode_rate(ours_run, n_new), ours_run(n_new) == hf_run(n_new)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--new", type=int, default=32, help="tokens generated per run")
@@ -44,26 +49,21 @@ def main():
             return out[0, n_prompt:].tolist()
         return run
 
-    rates = {}
-    for n_prompt in args.prompts:
-        same = ours_tokens(n_prompt)(args.new) == hf_tokens(n_prompt)(args.new)
-        rates[n_prompt] = {"transformers": decode_rate(hf_tokens(n_prompt), args.new),
-                           "ours eager": decode_rate(ours_tokens(n_prompt), args.new), "same": same}
+    rates = {n: {"transformers": decode_rate(hf_tokens(n), args.new),
+                 "ours eager": measure_ours(ours_tokens(n), hf_tokens(n), args.new)} for n in args.prompts}
     if not args.no_compile:
         model.compile_decoding()
         start = time.perf_counter()
         ours_tokens(args.prompts[0])(3)  # the first one-token step compiles
         print(f"compile_decoding: first compiled step after {time.perf_counter() - start:.1f} s")
-        for n_prompt in args.prompts:
-            rates[n_prompt]["same compiled"] = ours_tokens(n_prompt)(args.new) == hf_tokens(n_prompt)(args.new)
-            rates[n_prompt]["ours compiled"] = decode_rate(ours_tokens(n_prompt), args.new)
+        for n in args.prompts:
+            rates[n]["ours compiled"] = measure_ours(ours_tokens(n), hf_tokens(n), args.new)
     for n_prompt, r in rates.items():
         hf_total, hf_decode = r["transformers"]
         print(f"prompt {n_prompt}: transformers {hf_decode:.1f} tok/s decode only ({hf_total:.1f} end-to-end)")
         for name in ["ours eager", "ours compiled"]:
             if name in r:
-                total, decode = r[name]
-                same = r["same" if name == "ours eager" else "same compiled"]
+                total, decode, same = r[name]
                 print(f"  {name:13s} {decode:6.1f} tok/s decode only, ratio {decode / hf_decode:.2f}x (goal >= 3x); "
                       f"end-to-end {total:.1f} tok/s, {total / hf_total:.2f}x; same greedy tokens: {same}")
     cfg = model.config
