@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import ConfigError, ModelConfig, SmolLM2DeepSeek, dataclass_from_dict, max_violation, read_yaml
+from config import ConfigError, ModelConfig, dataclass_from_dict, read_yaml
+from model import SmolLM2DeepSeek, max_violation
 
 DEFAULT_PROMPTS = ["Once upon a time", "The main causes of inflation are", "Photosynthesis is the process",
                    "In mathematics, a function"]

@@ -2,63 +2,27 @@
 
 Needs ../shared/tokenizer (the SmolLM2 tokenizer); no network, never the Hugging Face Hub.
 """
-import json
 import os
 import re
-import socket
-import sys
 import threading
 
 import pytest
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-TOKENIZER_DIR = os.path.join(ROOT, "..", "shared", "tokenizer")
+from conftest import (APP_TINY as TINY, HAVE_TOKENIZER, SMOLLM2_GQA_VALUES,
+                      TOKENIZER_DIR, free_port, make_tiny_checkpoint)
 
 torch = pytest.importorskip("torch")
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 transformers = pytest.importorskip("transformers")
-if not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")):
+if not HAVE_TOKENIZER:
     pytest.skip(f"the SmolLM2 tokenizer is missing at {os.path.abspath(TOKENIZER_DIR)}", allow_module_level=True)
 
 import app  # noqa: E402
-from model import ModelConfig, SmolLM2DeepSeek  # noqa: E402
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-            num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-            max_position_embeddings=128, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-            first_k_dense_replace=1)
 CONTEXT = TINY["max_position_embeddings"]
 LIMIT = CONTEXT // 2  # the app's max new tokens for this context
 MOE_LAYERS = list(range(TINY["first_k_dense_replace"], TINY["num_hidden_layers"]))
-SUMMARY = {"step": 1234, "tokens_seen": 40_432_000, "train_loss": 3.4567, "val_loss": 3.5678}
-
-
-def make_tiny_checkpoint(root, **overrides) -> str:
-    """<root>/checkpoints/final as train.py publishes it (weights, tokenizer, summary), metrics and plot beside."""
-    final = os.path.join(str(root), "checkpoints", "final")
-    torch.manual_seed(0)
-    SmolLM2DeepSeek(ModelConfig.from_dict({**TINY, **overrides})).save_pretrained(final)
-    transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(final)
-    with open(os.path.join(final, "training_summary.json"), "w") as f:
-        json.dump(SUMMARY, f)
-    with open(os.path.join(final, "..", "metrics.jsonl"), "w") as f:
-        for step, val in [(1000, 3.9), (1234, 3.5678)]:
-            f.write(json.dumps({"step": step, "loss": 3.5, "val_loss": val, "max_vio": [0.25, 0.75],
-                                "tokens_seen": step * 100}) + "\n")
-        f.write('{"step": 12')  # a line cut by a kill must be ignored
-    from PIL import Image
-
-    Image.new("RGB", (330, 210), "lightsteelblue").save(os.path.join(final, "..", "training_plot.png"))
-    return final
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(model_dir: str):
@@ -84,11 +48,6 @@ def server(checkpoint):
 @pytest.fixture(scope="module")
 def client(server):
     return gradio_client.Client(server[1], verbose=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def call(client, prompt, temperature=0.8, top_k=50, max_new_tokens=16):
@@ -267,7 +226,7 @@ def test_page_components_and_about(server):
     counts = engine.model.count_parameters()
     assert f"{counts['total'] / 1e6:.2f} M total" in about and f"{counts['active'] / 1e6:.2f} M active" in about
     values = TINY["kv_lora_rank"] + TINY["qk_rope_head_dim"]
-    assert f"{values} values per token per layer" in about and "384" in about
+    assert f"{values} values per token per layer" in about and str(SMOLLM2_GQA_VALUES) in about
     assert "validation loss 3.5678" in about and "40.4 M" in about and "1234" in about
     assert "2 logged steps" in about and "best validation loss 3.5678" in about and "0.500" in about
     assert "No instruction tuning" in about and "makes things up" in about

@@ -4,12 +4,11 @@ Saves artifacts/browser.png. Skips when chromium, Playwright or ../shared/tokeni
 """
 import os
 import shutil
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_app import ROOT, app, free_port, make_tiny_checkpoint, serve  # noqa: E402  (skips without the tokenizer)
+from conftest import ROOT, free_port, make_tiny_checkpoint
+from test_app import app, serve  # (skips without the tokenizer)
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

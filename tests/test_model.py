@@ -6,21 +6,12 @@ import shutil
 import pytest
 import torch
 
-from model import ConfigError, ModelConfig, SmolLM2DeepSeek, max_violation
+from config import ConfigError, ModelConfig
+from model import SmolLM2DeepSeek, max_violation
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
-            num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
-            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
-            max_position_embeddings=64, rms_norm_eps=1e-5, routed_scaling_factor=1.0, n_group=1, topk_group=1,
-            norm_topk_prob=True)
-
-
-def tiny_config(**overrides) -> ModelConfig:
-    return ModelConfig.from_dict({**TINY, **overrides})
+from conftest import ROOT, SMOLLM2_GQA_VALUES, TINY, tiny_config
 
 
 def spread_model(**overrides) -> SmolLM2DeepSeek:
@@ -293,7 +284,7 @@ def test_shipped_configs_load_and_full_model_is_135m_active():
         counts = SmolLM2DeepSeek(full).count_parameters()
     assert 125e6 <= counts["active"] <= 145e6, counts
     assert counts["total"] > 2 * counts["active"]
-    assert full.kv_cache_values_per_token / 384 <= 0.40
+    assert full.kv_cache_values_per_token / SMOLLM2_GQA_VALUES <= 0.40
     small = ModelConfig.from_yaml(os.path.join(ROOT, "config_cpu.yaml"))
     assert small.n_routed_experts > 1 and small.num_moe_layers > 0
 

@@ -8,7 +8,8 @@ import torch
 
 from model import SmolLM2DeepSeek
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, read_jsonl
+
 FINAL = os.path.join(ROOT, "checkpoints", "final")
 
 
@@ -39,8 +40,8 @@ def test_transformers_loads_shipped_model_with_same_logits():
 
 def test_training_record_ships_beside_the_model():
     out = os.path.join(ROOT, "checkpoints")
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert rows[-1]["step"] == 5050 and rows[-1]["max_vio"]
-    samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+    samples = read_jsonl(os.path.join(out, "samples.jsonl"))
     assert sorted({s["step"] for s in samples}) == list(range(500, 5001, 500)) + [5050]
     assert os.path.getsize(os.path.join(out, "training_plot.png")) > 10_000

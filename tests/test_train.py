@@ -10,13 +10,9 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-TOKENIZER = os.path.join(SHARED, "tokenizer")
-CORPUS = os.path.join(SHARED, "corpus")
+from conftest import CORPUS_DIR as CORPUS, ROOT, TOKENIZER_DIR as TOKENIZER, needs_corpus, read_jsonl
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(TOKENIZER) or not os.path.isdir(CORPUS),
-                                reason="needs ../shared/tokenizer and ../shared/corpus beside the repo")
+pytestmark = needs_corpus
 
 TINY_YAML = """
 model:
@@ -80,7 +76,7 @@ def run(cmd, data, **kw):
 
 
 def losses(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     return {r["step"]: r["loss"] for r in rows}
 
 
@@ -96,7 +92,7 @@ def test_uninterrupted_run_writes_everything(reference_run):
     out = reference_run
     got = losses(out)
     assert sorted(got) == list(range(1, 11))  # phase 1 steps 1-8, phase 2 steps 9-10
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = read_jsonl(out / "metrics.jsonl")
     row = rows[2]
     for key in ["loss", "val_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "max_vio", "expert_load"]:
         assert key in row, key
@@ -210,7 +206,7 @@ def test_bias_update_once_per_optimizer_step_under_accumulation(data, tmp_path, 
     assert len(calls) == 4  # one per optimizer step, not per micro-batch
     for loads in calls:  # each update sees all 3 micro-batches: 3 x 2 x 32 tokens x top-2
         assert loads.shape == (1, 4) and loads.sum().item() == 3 * 2 * 32 * 2
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [sum(r["expert_load"][0]) for r in rows] == [3 * 2 * 32 * 2] * 4
     bias = SmolLM2DeepSeek.from_pretrained(str(out / "final")).moe_layers[0].gate.e_score_correction_bias
     assert bias.abs().sum() > 0  # it moved, through update_bias
@@ -229,7 +225,7 @@ def test_torchrun_two_ranks_keep_identical_bias(data, tmp_path):
     result = run(cmd, data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "balancing bias identical on all 2 ranks" in result.stderr
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [sum(r["expert_load"][0]) for r in rows] == [2 * 2 * 2 * 32 * 2] * 3  # loads summed over both ranks
     assert rows[-1]["tokens_seen"] == 3 * 2 * 2 * 2 * 32
 
@@ -241,7 +237,7 @@ def test_streamed_hub_batches_resume_exactly(data):
 
     import train
 
-    docs = [json.loads(line) for line in open(data / "train.jsonl")][:20]
+    docs = read_jsonl(data / "train.jsonl")[:20]
     stream = Dataset.from_list(docs).to_iterable_dataset()
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     first = train.HubBatches(stream, tok, batch_size=2, seq_len=32, skip_docs=1)

@@ -1,0 +1,89 @@
+"""Shared test fixtures and helpers: paths, the tiny configs, a tiny published checkpoint, free ports, JSONL.
+
+Tests read the offline tokenizer and corpus from ../shared (beside the repo on our machines); what needs them is
+skipped when they are absent. Nothing here touches the network.
+"""
+import json
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+TOKENIZER_DIR = os.path.join(SHARED, "tokenizer")
+CORPUS_DIR = os.path.join(SHARED, "corpus")
+HAVE_TOKENIZER = os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json"))
+HAVE_CORPUS = os.path.isfile(os.path.join(CORPUS_DIR, "train.jsonl"))
+needs_tokenizer = pytest.mark.skipif(not HAVE_TOKENIZER, reason=f"needs the SmolLM2 tokenizer at {TOKENIZER_DIR}")
+needs_corpus = pytest.mark.skipif(not (HAVE_TOKENIZER and HAVE_CORPUS),
+                                  reason="needs ../shared/tokenizer and ../shared/corpus beside the repo")
+
+# SmolLM2-135M's GQA caches K and V of 3 kv heads x 64 dims per token per layer: what MLA's latent cache beats
+SMOLLM2_GQA_VALUES = 2 * 3 * 64
+
+# A tiny model for parity and unit tests (a small vocabulary: no tokenizer needed)
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+            max_position_embeddings=64, rms_norm_eps=1e-5, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+            norm_topk_prob=True)
+
+# A tiny model with the real 49152-token vocabulary, for the app (it tokenizes with the SmolLM2 tokenizer)
+APP_TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_hidden_layers=4, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16, max_position_embeddings=128, n_routed_experts=8, num_experts_per_tok=2,
+                n_shared_experts=1, first_k_dense_replace=1)
+APP_SUMMARY = {"step": 1234, "tokens_seen": 40_432_000, "train_loss": 3.4567, "val_loss": 3.5678}
+
+
+def tiny_config(**overrides):
+    from config import ModelConfig
+
+    return ModelConfig.from_dict({**TINY, **overrides})
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tiny_checkpoint(root, **overrides) -> str:
+    """<root>/checkpoints/final as train.py publishes it (weights, tokenizer, summary), metrics and plot beside."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    from config import ModelConfig
+    from model import SmolLM2DeepSeek
+
+    final = os.path.join(str(root), "checkpoints", "final")
+    torch.manual_seed(0)
+    SmolLM2DeepSeek(ModelConfig.from_dict({**APP_TINY, **overrides})).save_pretrained(final)
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(final)
+    with open(os.path.join(final, "training_summary.json"), "w") as f:
+        json.dump(APP_SUMMARY, f)
+    with open(os.path.join(final, "..", "metrics.jsonl"), "w") as f:
+        for step, val in [(1000, 3.9), (1234, 3.5678)]:
+            f.write(json.dumps({"step": step, "loss": 3.5, "val_loss": val, "max_vio": [0.25, 0.75],
+                                "tokens_seen": step * 100}) + "\n")
+        f.write('{"step": 12')  # a line cut by a kill must be ignored
+    Image.new("RGB", (330, 210), "lightsteelblue").save(os.path.join(final, "..", "training_plot.png"))
+    return final
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    if not HAVE_TOKENIZER:
+        pytest.skip(f"needs the SmolLM2 tokenizer at {TOKENIZER_DIR}")
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
