@@ -12,6 +12,8 @@ import os
 import typing
 from dataclasses import dataclass
 
+MAX_CONTEXT = 1 << 20  # positions; far beyond what this model is trained for, small enough to allocate
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 
@@ -128,6 +130,9 @@ class ModelConfig:
         for key in nonnegative:
             if getattr(self, key) < 0:
                 raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)!r}")
+        if self.max_position_embeddings > MAX_CONTEXT:  # the rope tables alone would need 8 bytes per position
+            raise ConfigError(f"key 'max_position_embeddings' must be <= {MAX_CONTEXT}, got "
+                              f"{self.max_position_embeddings}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"key 'q_lora_rank' must be > 0 or null, got {self.q_lora_rank!r}")
         if self.qk_rope_head_dim % 2:
@@ -195,6 +200,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{where}: expected a JSON object (a mapping of keys to values), got "
+                              f"{type(hf).__name__}")
         if hf.get("model_type") != "deepseek_v3":
             raise ConfigError(f"{where}: model_type must be 'deepseek_v3', got {hf.get('model_type')!r}")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}

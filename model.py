@@ -8,7 +8,11 @@ Hugging Face `deepseek_v3` format, so `transformers.AutoModelForCausalLM` loads 
     model = SmolLM2DeepSeek(ModelConfig.from_yaml("config_smollm2_135.yaml"))
     logits = model(input_ids)                      # [B, T, V]
     _, loss = model(input_ids, targets=targets)    # chunked cross-entropy, no [B, T, V] tensor kept
-    for step in model.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50, return_routing=True): ...
+    for tok in model.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50, return_routing=True): ...
+
+Generation (sampling, the decode loop, compiled decoding) lives in generate.py, the chunked training loss in loss.py,
+config parsing in config.py. Paths are chosen by explicit arguments: `attn_impl` ("naive" expands the latents into
+per-head keys and values; "absorb" attends over the latents themselves) and `expert_impl` (how tokens reach experts).
 
 Shapes: B batch, T tokens, d hidden, n heads, dn/dr/dv nope/rope/value head dims, dc latent (kv_lora_rank),
 E routed experts, K experts per token, I expert intermediate size, V vocabulary.
@@ -18,9 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from config import ConfigError, ModelConfig  # noqa: F401  (ModelConfig is part of model's API)
+from loss import ChunkedCrossEntropy
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -104,7 +106,10 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.dc, n * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(n * self.dv, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0, attn_impl: str = "naive"):
+        """x [B, T, d] at positions start_pos.. -> [B, T, d]. With a cache, this call's latents are written into it
+        and attention covers every cached position. attn_impl "naive": expand the latents into per-head keys and
+        values, then SDPA (training and prefill: T large); "absorb": attend over the latents directly (decoding)."""
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -118,26 +123,40 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope, cos, sin, self.interleave)  # [B, T, dr]
         if cache is not None:
             cache.kv[self.layer_idx, :B, start_pos:start_pos + T] = torch.cat([latent, k_rope], dim=-1)
-        if cache is None or start_pos == 0:
-            out = self._expanded(q_nope, q_rope, latent, k_rope)
+            kv = cache.kv[self.layer_idx, :B, :start_pos + T]  # [B, S, dc + dr]: every position so far
         else:
-            out = self._absorbed(q_nope, q_rope, cache.kv[self.layer_idx, :B, :start_pos + T], start_pos)
+            kv = torch.cat([latent, k_rope], dim=-1) if attn_impl == "absorb" else None
+        if attn_impl == "naive":
+            if kv is not None:  # re-expand every cached position (what transformers does each decoding step)
+                latent, k_rope = kv.split([self.dc, self.dr], dim=-1)
+            out = self._expanded(q_nope, q_rope, latent, k_rope, start_pos)
+        elif attn_impl == "absorb":
+            out = self._absorbed(q_nope, q_rope, kv, start_pos)
+        else:
+            raise ValueError(f"attn_impl must be 'naive' or 'absorb', got {attn_impl!r}")
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.dv))
 
-    def _expanded(self, q_nope, q_rope, latent, k_rope):
-        """Training and prefill: expand the latents into per-head keys/values once, then causal SDPA."""
-        B, T, _ = latent.shape
-        kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.dn + self.dv).transpose(1, 2)
-        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # [B, n, T, dn], [B, n, T, dv]
-        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, T, self.dr)], dim=-1)
+    def _expanded(self, q_nope, q_rope, latent, k_rope, start_pos: int):
+        """Expand the latents [B, S, dc] of all S visible positions into per-head keys/values, then SDPA. The T
+        queries sit at positions start_pos..start_pos+T-1 = the last T of the S keys."""
+        B, S, _ = latent.shape
+        T = q_nope.shape[2]
+        kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # [B, n, S, dn], [B, n, S, dv]
+        k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.dr)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, n, T, dv]
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, n, T, dv]
+        mask = None  # one new token sees every cached position
+        if T > 1:  # several new tokens: token t may see positions <= start_pos + t
+            mask = torch.arange(S, device=q.device) <= (start_pos + torch.arange(T, device=q.device))[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _absorbed(self, q_nope, q_rope, kv, start_pos: int):
-        """Decode: fold W_UK into the query and W_UV into the output, so attention runs over the cached latents
-        directly (q_nope . W_UK c = (W_UK^T q_nope) . c) and the cache is never re-expanded per step.
+        """Fold W_UK into the query and W_UV into the output, so attention runs over the latents directly
+        (q_nope . W_UK c = (W_UK^T q_nope) . c) and a cache is never re-expanded per step.
 
-        kv [B, S, dc + dr] is the cache ([c | kr] per position). Every head attends to the same keys (one latent
+        kv [B, S, dc + dr] holds [c | kr] for every visible position. Every head attends to the same keys (one latent
         per token), so the heads are folded into the rows of a single matmul: [B, n*T, dc+dr] @ [B, dc+dr, S]."""
         B, n, T, _ = q_nope.shape
         S = kv.shape[1]
@@ -178,8 +197,14 @@ class Gate(nn.Module):
         E = config.n_routed_experts
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
-        # Tokens routed to each expert since the last reset (training only): the input of the bias update.
+        # Tokens routed to each expert since the last reset (training forwards): the input of the bias update.
         self.register_buffer("load", torch.zeros(E, dtype=torch.float32), persistent=False)
+
+    def count(self, experts: torch.Tensor) -> None:
+        """Add one training forward's choices [N, K] to the loads. A scatter-add on the tensors' device: no host
+        sync (bincount would read the maximum back to size its output)."""
+        flat = experts.flatten()
+        self.load.index_add_(0, flat, torch.ones_like(flat, dtype=self.load.dtype))
 
     def forward(self, x: torch.Tensor):
         """x [N, d] -> top-K expert ids [N, K], their weights [N, K], and the fp32 router scores and logits."""
@@ -201,9 +226,6 @@ class Gate(nn.Module):
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
-        if self.training and not _in_backward():  # gradient checkpointing re-runs this in backward: count once
-            with torch.no_grad():
-                self.load += torch.bincount(experts.flatten(), minlength=cfg.n_routed_experts).float()
         return experts, weights, scores, logits
 
     @torch.no_grad()
@@ -212,10 +234,6 @@ class Gate(nn.Module):
         centred (as torchtitan does) so the bias does not drift; top-K is unchanged by a shared shift."""
         delta = self.config.bias_update_speed * torch.sign(load.mean() - load.float())
         self.e_score_correction_bias += delta - delta.mean()
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class Experts(nn.Module):
@@ -230,26 +248,38 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, I))
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d], experts/weights [N, K] -> [N, d]. Token copies are sorted by expert so each expert does one
-        contiguous matmul over all its tokens; outputs are scattered back with one index_add. The loop runs over
-        experts (E matmuls), never over tokens (torch._grouped_mm would make it one call, but its backward fails
-        on CPU in torch 2.13)."""
-        N, K = experts.shape
-        if N == 1 and not torch.is_grad_enabled() and torch.compiler.is_compiling():
-            # decoding one token, traced by compile_decoding: the K experts' weights are gathered by tensor index
-            # (a .tolist() would break the graph and specialise it on every choice of experts)
-            ids = experts[0]
-            gate, up = torch.bmm(self.gate_up_proj[ids], x.expand(K, -1).unsqueeze(-1)).chunk(2, dim=1)  # [K, I, 1]
-            out = torch.bmm(self.down_proj[ids], F.silu(gate) * up).squeeze(-1)  # [K, d]
-            return (weights[0].unsqueeze(-1).to(x.dtype) * out).sum(0, keepdim=True)
-        if N == 1 and not torch.is_grad_enabled():
-            # decoding one token eagerly: call its K experts directly; the sort/scatter below costs more than they do
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                impl: str = "sorted") -> torch.Tensor:
+        """x [N, d], experts/weights [N, K] -> [N, d] = sum_k weights[:, k] * Expert_{experts[:, k]}(x).
+
+        impl "sorted" (training, prefill): token copies sorted by expert, one matmul per expert over all its tokens,
+        outputs scattered back with one index_add; the loop runs over experts, never over tokens.
+        "direct" (one decoding token): call its K experts; the sort and scatter would cost more than they do.
+        "gather" (one token under torch.compile): the K experts' weights gathered by tensor index, since a
+        .tolist() would break the graph and specialise it on every choice of experts.
+        "grouped": the sorted dispatch with one grouped GEMM per projection (torch's grouped_mm, group offsets from
+        a cumsum on the device): no host sync and no per-expert launches, which is what a GPU step needs."""
+        if impl == "sorted":
+            return self._sorted(x, experts, weights)
+        if impl == "grouped":
+            return self._grouped(x, experts, weights)
+        if x.shape[0] != 1:
+            raise ValueError(f"expert_impl {impl!r} serves one token at a time, got {x.shape[0]}")
+        if impl == "direct":
             y = torch.zeros_like(x)
             for e, w in zip(experts[0].tolist(), weights[0].tolist()):
                 gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
                 y += w * F.linear(F.silu(gate) * up, self.down_proj[e])
             return y
+        if impl == "gather":
+            ids, K = experts[0], experts.shape[1]
+            gate, up = torch.bmm(self.gate_up_proj[ids], x.expand(K, -1).unsqueeze(-1)).chunk(2, dim=1)  # [K, I, 1]
+            out = torch.bmm(self.down_proj[ids], F.silu(gate) * up).squeeze(-1)  # [K, d]
+            return (weights[0].unsqueeze(-1).to(x.dtype) * out).sum(0, keepdim=True)
+        raise ValueError(f"expert_impl must be 'sorted', 'grouped', 'direct' or 'gather', got {impl!r}")
+
+    def _sorted(self, x, experts, weights):
+        N, K = experts.shape
         flat = experts.flatten()
         order = flat.argsort(stable=True)
         token_of = order // K  # which token each sorted copy came from
@@ -265,6 +295,24 @@ class Experts(nn.Module):
         ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
+    def _grouped(self, x, experts, weights):
+        N, K = experts.shape
+        E = self.gate_up_proj.shape[0]
+        flat = experts.flatten()
+        order = flat.argsort(stable=True)
+        token_of = order // K
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        xs = x[token_of]  # [N*K, d], grouped by expert
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if xs.dtype != w_gate_up.dtype:  # autocast does not cover grouped_mm: run it in the activations' dtype
+            w_gate_up, w_down = w_gate_up.to(xs.dtype), w_down.to(xs.dtype)
+        gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N*K, I] each
+        ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)  # [N*K, d]
+        ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
 
 class MoE(nn.Module):
     """y = sum_{i in top-K} g_i Expert_i(x) + SharedExpert(x)."""
@@ -276,19 +324,22 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
-        self.aux_loss = None  # set in training when an optional router loss is on
 
-    def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
-        """`routing`, when given, receives this layer's (expert ids [B, T, K], weights [B, T, K]): a per-call list
-        rather than module state, so concurrent generations (the app's queue) never see each other's routing."""
+    def forward(self, x: torch.Tensor, routing: list | None = None, aux_losses: list | None = None,
+                expert_impl: str = "sorted") -> torch.Tensor:
+        """Per-call lists rather than module state, so concurrent generations (the app's queue) never see each
+        other's routing and no loss outlives its forward: `routing` receives this layer's (expert ids [B, T, K],
+        weights [B, T, K]); `aux_losses` the enabled router losses (training only)."""
         B, T, d = x.shape
         flat = x.reshape(B * T, d)
         experts, weights, scores, logits = self.gate(flat)
         if routing is not None:
             routing.append((experts.view(B, T, -1), weights.view(B, T, -1)))
-        if self.training:
-            self.aux_loss = self._router_losses(experts, scores, logits, B, T)
-        y = self.experts(flat, experts, weights).view(B, T, d)
+        if self.training and aux_losses is not None:
+            loss = self._router_losses(experts, scores, logits, B, T)
+            if loss is not None:
+                aux_losses.append(loss)
+        y = self.experts(flat, experts, weights, expert_impl).view(B, T, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
@@ -321,93 +372,17 @@ class Block(nn.Module):
         else:
             self.mlp = MoE(config)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, routing=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, routing=None, aux_losses=None, attn_impl="naive",
+                expert_impl="sorted"):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, attn_impl)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, routing) if isinstance(self.mlp, MoE) else self.mlp(h))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of (h @ W^T) computed chunk by chunk: the [N, V] logits (V = 49152) are never held at once.
-
-    The gradients are formed in the forward pass, chunk by chunk (softmax - onehot), so the backward pass is just
-    a scale. Same FLOPs as the plain version; peak memory drops from N*V to chunk*V floats.
-
-    Speed (bench/bench_train.py): the logits are laid out vocab-major, [V, chunk] = W @ h^T. With d = 192 the three
-    lm_head GEMMs are thin, and MKL runs the vocab-major forms (W @ h^T, P @ h, P^T @ W) ~1.3x faster on this CPU
-    than the token-major ones. The softmax is written out as five in-place passes (max, sub, exp, sum, scale) over
-    the one buffer: torch's fused log_softmax over dim 0 is 4x slower, and logsumexp allocates temporaries.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, workspace: torch.Tensor | None = None,
-                grad_enabled: bool = True):
-        valid = targets != -100
-        n_valid = valid.sum().clamp(min=1)
-        scale = valid.float() / n_valid  # d(mean loss)/d(token loss); 0 for ignored tokens
-        safe_targets = targets.clamp(min=0)
-        # needs_input_grad is True under no_grad too, so the caller says whether a backward can follow (evaluation
-        # would otherwise pay for the two gradient GEMMs it never uses)
-        needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.empty_like(weight, dtype=torch.float32) if needs_grad else None
-        for start in range(0, h.shape[0], chunk_size):
-            hc = h[start:start + chunk_size]
-            tc = safe_targets[start:start + chunk_size].unsqueeze(0)  # [1, c]
-            sc = scale[start:start + chunk_size]
-            if workspace is not None:  # [V, c] view of the caller's reused buffer
-                logits = torch.mm(weight, hc.t(), out=workspace[:weight.shape[0] * hc.shape[0]].view(-1, hc.shape[0]))
-            else:
-                logits = (weight.to(h.dtype) @ hc.t()).float()  # [V, c]
-            target_logit = logits.gather(0, tc).squeeze(0)
-            peak = logits.amax(0)
-            # exp(z - peak) in place, in row blocks of ~4 MB that stay in cache while they are shifted,
-            # exponentiated and summed: one pass over the [V, c] buffer from memory instead of three
-            sums = torch.zeros_like(peak)
-            rows = max(1, (1 << 20) // logits.shape[1])
-            for block in logits.split(rows):
-                sums += block.sub_(peak).exp_().sum(0)
-            total += ((peak + sums.log() - target_logit) * sc).sum()
-            if needs_grad:
-                # d loss / d z = (exp(z - peak) / sums - onehot) * scale. The per-token factor scale / sums goes into
-                # the small [c, d] operands of the GEMMs, not over the [V, c] buffer: (E diag(f)) h = E (diag(f) h);
-                # the one-hot term touches only the target rows.
-                f = (sc / sums).unsqueeze(1)  # [c, 1]
-                hf = hc.float()
-                grad_h[start:start + chunk_size] = ((logits.t().to(h.dtype) @ weight.to(h.dtype)) * f
-                                                    - sc.unsqueeze(1) * weight[tc[0]].to(h.dtype))
-                if start == 0:
-                    torch.mm(logits, hf * f, out=grad_w)
-                else:
-                    grad_w.addmm_(logits, hf * f)
-                grad_w.index_add_(0, tc[0], hf * -sc.unsqueeze(1))
-        if needs_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        # in place: a copy of grad_w would be another 37 MB allocation (the version counter still stops a second
-        # backward through the same graph from reusing the scaled tensors)
-        return grad_h.mul_(grad_out), grad_w.mul_(grad_out), None, None, None, None
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, routing, aux_losses, expert_impl)
+        return x + self.mlp(h)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model
-
-
-@dataclass
-class GeneratedToken:
-    """One streamed token. `routing` (when asked for) has one entry per MoE layer: (layer index, expert ids, weights)."""
-
-    token_id: int
-    routing: list[tuple[int, list[int], list[float]]] | None = None
 
 
 class SmolLM2DeepSeek(nn.Module):
@@ -426,10 +401,7 @@ class SmolLM2DeepSeek(nn.Module):
         cos, sin = rope_tables(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.loss_chunk_size = 1024
-        self._head_t, self._head_key = None, None  # see _decoding_head
-        self._loss_buffer = None  # see _logits_workspace
-        self._compiled_step = None  # see compile_decoding
+        self.loss_fn = ChunkedCrossEntropy(chunk_size=1024)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -448,49 +420,52 @@ class SmolLM2DeepSeek(nn.Module):
         return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoE)]
 
     def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
-                      routing: list | None = None):
-        """input_ids [B, T] -> final-normed hidden states [B, T, d]. `routing` collects each MoE layer's choice."""
+                      routing: list | None = None, aux_losses: list | None = None, attn_impl: str = "naive",
+                      expert_impl: str = "sorted"):
+        """input_ids [B, T] -> final-normed hidden states [B, T, d]. `routing` collects each MoE layer's
+        (experts, weights), `aux_losses` the enabled router losses; attn_impl / expert_impl choose the paths
+        (see MLA.forward and Experts.forward)."""
         T = input_ids.shape[1]
         if start_pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.model.embed_tokens(input_ids)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only block inputs; activations are recomputed in backward (less memory, ~1.3x compute)
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache, start_pos, routing)
+            args = (x, cos, sin, cache, start_pos, routing, aux_losses, attn_impl, expert_impl)
+            # checkpointing keeps only block inputs; activations are recomputed in backward (less memory, ~1.3x
+            # compute). The recomputation appends to the lists again, after the caller has read them: harmless.
+            x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if checkpointing else block(*args)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, expert_impl: str | None = None):
         """Without targets: logits [B, T, V]. With targets [B, T] (-100 = ignore): (None, loss), where loss is the
-        mean next-token cross-entropy plus any enabled router loss; the full logits are never materialised."""
-        h = self.hidden_states(input_ids)
+        mean next-token cross-entropy plus any enabled router loss; the full logits are never materialised.
+        A training forward adds its routing choices to each gate's load (the input of update_bias).
+        expert_impl: see Experts.forward; default "grouped" (one grouped GEMM per projection, no host sync; on a
+        2-core CPU also a little faster than "sorted": 5.2-5.4 vs 5.9-6.0 ms fwd+bwd per MoE layer for 512 tokens
+        at d 192), "sorted" where grouped_mm cannot take the shapes."""
+        if expert_impl is None:
+            expert_impl = "grouped" if self._grouped_shapes_ok() else "sorted"
+        routing = [] if self.training else None
+        aux_losses = [] if self.training else None
+        h = self.hidden_states(input_ids, routing=routing, aux_losses=aux_losses, expert_impl=expert_impl)
+        if routing:
+            with torch.no_grad():
+                for moe, (experts, _) in zip(self.moe_layers, routing):
+                    moe.gate.count(experts)
         if targets is None:
             return self.lm_head(h)
         B, T, d = h.shape
-        loss = LinearCrossEntropy.apply(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T),
-                                        self.loss_chunk_size,
-                                        self._logits_workspace(h, min(B * T, self.loss_chunk_size)),
-                                        torch.is_grad_enabled())
-        for moe in self.moe_layers:
-            if moe.aux_loss is not None:
-                loss = loss + moe.aux_loss
+        loss = self.loss_fn(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T))
+        for aux in aux_losses or []:
+            loss = loss + aux
         return None, loss
 
-    def _logits_workspace(self, h: torch.Tensor, columns: int) -> torch.Tensor | None:
-        """A flat fp32 buffer for the loss's [V, chunk] logits, kept between steps on CPU. glibc hands a freed block
-        this large (100 MB for 512 tokens) back to the OS, so a fresh one per step page-faults back in and made the
-        first lm_head GEMM 2x slower (130 vs 65 ms). CUDA's caching allocator already reuses its blocks."""
-        w = self.lm_head.weight
-        if not (h.device.type == "cpu" and h.dtype == w.dtype == torch.float32):
-            return None
-        needed = w.shape[0] * columns
-        if self._loss_buffer is None or self._loss_buffer.numel() < needed:
-            self._loss_buffer = torch.empty(needed)
-        return self._loss_buffer
+    def _grouped_shapes_ok(self) -> bool:
+        """grouped_mm wants every row stride a multiple of 16 bytes: d and I multiples of 8 cover bf16 and fp32."""
+        return self.config.hidden_size % 8 == 0 and self.config.moe_intermediate_size % 8 == 0
 
     # -- load balancing ------------------------------------------------------------------------------------------
     def expert_loads(self) -> torch.Tensor:
@@ -522,89 +497,11 @@ class SmolLM2DeepSeek(nn.Module):
                 "kv_cache_values_per_token_per_layer": cfg.kv_cache_values_per_token}
 
     # -- generation ----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 eos_token_id: int | None = -1, return_routing: bool = False,
-                 generator: torch.Generator | None = None) -> Iterator[GeneratedToken]:
-        """Stream up to max_new_tokens tokens after prompt_ids (a list of ints or a [1, T] tensor).
+    def generate(self, prompt_ids, max_new_tokens: int = 64, **kwargs):
+        """Stream tokens after prompt_ids: generate.generate(self, ...) (see generate.Decoder.stream)."""
+        from generate import generate  # generate.py builds on this module
 
-        temperature 0 = greedy; top_k 0 (or >= vocab) = no top-k filter; stops after eos (not yielded). The prompt
-        is prefilled in one pass (expanded MLA); each new token then attends over the latent cache (absorbed MLA).
-        """
-        cfg = self.config
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).view(1, -1)
-        if ids.shape[1] == 0:
-            raise ValueError("generate needs a prompt of at least one token")
-        if max_new_tokens < 0 or temperature < 0 or top_k < 0:
-            raise ValueError("max_new_tokens, temperature and top_k must be >= 0")
-        if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
-                             f"{cfg.max_position_embeddings} tokens")
-        eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-        was_training = self.training
-        self.eval()
-        device = self.lm_head.weight.device
-        ids = ids.to(device)
-        cache = LatentCache(cfg, 1, ids.shape[1] + max_new_tokens, device, self.lm_head.weight.dtype)
-        head = self._decoding_head()
-        first_moe = cfg.first_k_dense_replace
-        try:
-            pos, step_ids = 0, ids
-            for _ in range(max_new_tokens):
-                layers = [] if return_routing else None
-                if self._compiled_step is not None and step_ids.shape[1] == 1 and not return_routing:
-                    h = self._compiled_step(step_ids, cache, pos)
-                else:
-                    h = self.hidden_states(step_ids, cache, pos, layers)
-                logits = (h[0, -1] @ head).float()  # [V]
-                token = self._sample(logits, temperature, top_k, generator)
-                if eos is not None and token == eos:
-                    return
-                routing = None
-                if return_routing:
-                    # the routing that produced this token: the last input position of every MoE layer
-                    routing = [(first_moe + i, experts[0, -1].tolist(), weights[0, -1].tolist())
-                               for i, (experts, weights) in enumerate(layers)]
-                yield GeneratedToken(token, routing)
-                pos += step_ids.shape[1]
-                step_ids = torch.tensor([[token]], device=device)
-        finally:
-            self.train(was_training)
-
-    def compile_decoding(self) -> None:
-        """From now on generate() runs each one-token step through torch.compile (inductor, dynamic shapes: one
-        graph for every position and cache length). Eagerly, a step is ~1500 small ATen calls (norms, rope, the
-        absorbed attention, routing) whose per-call overhead outweighs their arithmetic at this size; inductor fuses
-        them into a few C++ loops around the GEMVs (bench/bench_decode.py measures both). Needs a C++ compiler; the
-        first step compiles (tens of seconds on 2 cores, seconds with inductor's disk cache warm). The prompt's
-        prefill and steps that capture routing stay eager."""
-        if self.lm_head.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-            raise RuntimeError("compile_decoding needs a C++ compiler (g++, c++ or clang++ on PATH) for "
-                               "torch.compile's CPU backend; without one, generate() runs eagerly")
-        self._compiled_step = torch.compile(self.hidden_states, dynamic=True)
-
-    def _decoding_head(self) -> torch.Tensor:
-        """The lm_head as a contiguous [d, V] copy. For one token MKL's row-vector @ [d, V] is ~3x faster than
-        @ [V, d]^T, and the head is a third of a decode step. The copy itself is slow (~40 ms for 49152 x 192), so
-        it is kept until the weight changes (an optimizer step or a load bumps the tensor's version)."""
-        w = self.lm_head.weight
-        if w.is_inference():  # made under inference_mode: no version counter, so no safe reuse
-            return w.t().contiguous()
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if self._head_key != key:
-            self._head_t, self._head_key = w.detach().t().contiguous(), key
-        return self._head_t
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> int:
-        if temperature == 0:
-            return int(logits.argmax())
-        logits = logits / temperature
-        if 0 < top_k < logits.shape[-1]:
-            kth = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return generate(self, prompt_ids, max_new_tokens, **kwargs)
 
     # -- Hugging Face format -------------------------------------------------------------------------------------
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -642,7 +539,13 @@ class SmolLM2DeepSeek(nn.Module):
             json.dump({"bos_token_id": self.config.bos_token_id, "eos_token_id": self.config.eos_token_id,
                        "pad_token_id": self.config.pad_token_id, "do_sample": True, "temperature": 0.8,
                        "top_k": 50}, f, indent=2)
-        save_file(self.hf_state_dict(dtype), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        weights = os.path.join(directory, "model.safetensors")
+        save_file(self.hf_state_dict(dtype), weights, metadata={"format": "pt"})
+        # safetensors writes through a private temp file (mode 0600); give it the mode of every other file here so
+        # an app running as another user can read it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(weights, 0o666 & ~umask)
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32,
@@ -655,10 +558,10 @@ class SmolLM2DeepSeek(nn.Module):
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no config.json in checkpoint directory {directory!r}")
         try:
-            with open(config_path) as f:
+            with open(config_path, encoding="utf-8") as f:
                 hf = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON (truncated or corrupt?): {err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_path} is not valid JSON (truncated, corrupt or not UTF-8?): {err}") from None
         config = ModelConfig.from_hf_dict(hf, where=config_path)
         index_path = os.path.join(directory, "model.safetensors.index.json")
         if os.path.isfile(index_path):
@@ -677,7 +580,8 @@ class SmolLM2DeepSeek(nn.Module):
                 raise ValueError(f"cannot read weights file {path} (truncated or corrupt?): {err}") from None
         with torch.device("meta"):
             model = cls(config)
-        model.load_hf_state_dict(state, source=directory)
+        mtp_layers = int(hf.get("num_nextn_predict_layers") or 0)
+        model.load_hf_state_dict(state, source=directory, extra_layers=mtp_layers)
         model.rope_cos, model.rope_sin = rope_tables(config.qk_rope_head_dim, config.max_position_embeddings,
                                                      config.rope_theta)
         for moe in model.moe_layers:
@@ -687,8 +591,11 @@ class SmolLM2DeepSeek(nn.Module):
             moe.gate.e_score_correction_bias.data = moe.gate.e_score_correction_bias.data.float()
         return model.eval()
 
-    def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Load transformers-format tensors (per-expert keys or fused 3-D ones) into this model."""
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict",
+                           extra_layers: int = 0) -> None:
+        """Load transformers-format tensors (per-expert keys or fused 3-D ones) into this model. `extra_layers`:
+        DeepSeek checkpoints may carry multi-token-prediction layers after the last one (config.json's
+        num_nextn_predict_layers); their weights are skipped. Any other weight without a place is an error."""
         cfg = self.config
         state = dict(state)
         for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
@@ -711,7 +618,8 @@ class SmolLM2DeepSeek(nn.Module):
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
         expected = self.state_dict()
         missing = sorted(k for k in expected if k not in state or state[k] is None)
-        unexpected = sorted(k for k in state if k not in expected and not k.startswith(f"model.layers.{cfg.num_hidden_layers}."))
+        mtp = tuple(f"model.layers.{cfg.num_hidden_layers + i}." for i in range(extra_layers))
+        unexpected = sorted(k for k in state if k not in expected and not (mtp and k.startswith(mtp)))
         if missing or unexpected:
             raise ValueError(f"{source}: weights do not match the config; missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")

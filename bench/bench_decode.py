@@ -1,4 +1,4 @@
-"""Greedy decoding: ours (latent cache, absorbed MLA; eager, then with compile_decoding) vs transformers' generate
+"""Greedy decoding: ours (latent cache, absorbed MLA; eager, then with compiled decoding (generate.Decoder(model, compile=True))) vs transformers' generate
 with its cache, after a 64-token and a 1024-token prompt; and the KV-cache bytes per token per layer vs
 SmolLM2-135M's GQA.
 
@@ -11,6 +11,7 @@ import time
 import torch
 
 from common import REFERENCE, ModelConfig, best_time, ours, transformers_twin
+from generate import Decoder
 
 
 def decode_rate(generate_tokens, n_new: int) -> tuple[float, float]:
@@ -29,7 +30,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--new", type=int, default=32, help="tokens generated per run")
     p.add_argument("--prompts", type=int, nargs="+", default=[64, 1024])
-    p.add_argument("--no-compile", action="store_true", help="skip the compile_decoding measurement")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled-decoding measurement")
     args = p.parse_args()
     model = ours().eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,9 +38,11 @@ def main():
     prompts = {n: torch.randint(1, REFERENCE["vocab_size"], (1, n), generator=torch.Generator().manual_seed(0))
                for n in args.prompts}
 
+    decoder = Decoder(model)
+
     def ours_tokens(n_prompt):
-        return lambda n: [t.token_id for t in model.generate(prompts[n_prompt][0].tolist(), n, temperature=0,
-                                                              eos_token_id=None)]
+        return lambda n: [t.token_id for t in decoder.stream(prompts[n_prompt][0].tolist(), n, temperature=0,
+                                                             eos_token_id=None)]
 
     def hf_tokens(n_prompt):
         def run(n):
@@ -52,10 +55,10 @@ def main():
     rates = {n: {"transformers": decode_rate(hf_tokens(n), args.new),
                  "ours eager": measure_ours(ours_tokens(n), hf_tokens(n), args.new)} for n in args.prompts}
     if not args.no_compile:
-        model.compile_decoding()
+        decoder = Decoder(model, compile=True)
         start = time.perf_counter()
         ours_tokens(args.prompts[0])(3)  # the first one-token step compiles
-        print(f"compile_decoding: first compiled step after {time.perf_counter() - start:.1f} s")
+        print(f"compiled decoding: first compiled step after {time.perf_counter() - start:.1f} s")
         for n in args.prompts:
             rates[n]["ours compiled"] = measure_ours(ours_tokens(n), hf_tokens(n), args.new)
     for n_prompt, r in rates.items():

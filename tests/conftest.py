@@ -45,6 +45,21 @@ def tiny_config(**overrides):
     return ModelConfig.from_dict({**TINY, **overrides})
 
 
+def spread_model(**overrides):
+    """A seeded tiny model in eval mode with weights wider than the init (std 0.2), so that a wrong decoding path
+    shows in the logits and the greedy tokens."""
+    import torch
+
+    from model import SmolLM2DeepSeek
+
+    torch.manual_seed(0)
+    model = SmolLM2DeepSeek(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -1,28 +1,15 @@
 """model.py against transformers' DeepseekV3ForCausalLM, the latent cache, the balancing rule and the config checks."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
-from config import ConfigError, ModelConfig
-from model import SmolLM2DeepSeek, max_violation
+from model import LatentCache, SmolLM2DeepSeek, max_violation
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import ROOT, SMOLLM2_GQA_VALUES, TINY, tiny_config
-
-
-def spread_model(**overrides) -> SmolLM2DeepSeek:
-    """A seeded tiny model in eval mode with weights wider than the init (std 0.2), so that a wrong decoding path
-    shows in the logits and the greedy tokens."""
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
+from conftest import ROOT, TINY, spread_model, tiny_config
 
 
 def hf_model(**overrides):
@@ -102,84 +89,36 @@ def test_bf16_save_keeps_bias_fp32_and_reloads(tmp_path):
     assert again.moe_layers[0].gate.e_score_correction_bias[0].item() == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
 @pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=12, rope_interleave=False, n_group=2, topk_group=1)])
-def test_latent_cache_decoding_matches_full_forward(overrides):
+def test_latent_cache_decoding_matches_full_forward(overrides, attn_impl):
+    """Prefill, a 3-token chunk, then single tokens through the latent cache give the full forward's logits, with
+    the latents expanded per step ("naive") or attended directly ("absorb")."""
     model = spread_model(**overrides)
-    from model import LatentCache
-
     ids = torch.randint(0, TINY["vocab_size"], (1, 20))
     with torch.no_grad():
         full = model(ids)
         cache = LatentCache(model.config, 1, 20, "cpu", torch.float32)
-        steps = [model.lm_head(model.hidden_states(ids[:, :8], cache, 0))]  # prefill, expanded form
-        steps.append(model.lm_head(model.hidden_states(ids[:, 8:11], cache, 8)))  # 3 tokens, absorbed + mask
-        for t in range(11, 20):  # one token at a time, absorbed form
-            steps.append(model.lm_head(model.hidden_states(ids[:, t:t + 1], cache, t)))
+        steps = [model.lm_head(model.hidden_states(ids[:, :8], cache, 0, attn_impl=attn_impl))]  # prefill
+        steps.append(model.lm_head(model.hidden_states(ids[:, 8:11], cache, 8, attn_impl=attn_impl)))  # + mask
+        for t in range(11, 20):  # one token at a time (the one-token expert path)
+            h = model.hidden_states(ids[:, t:t + 1], cache, t, attn_impl=attn_impl, expert_impl="direct")
+            steps.append(model.lm_head(h))
     incremental = torch.cat(steps, dim=1)
     assert (incremental - full).abs().max().item() <= 1e-4
     assert cache.bytes_per_token_per_layer() == (16 + 4) * 4
 
 
-def test_generate_greedy_matches_argmax_of_full_forward_and_reports_routing():
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config()).eval()
-    prompt = [5, 17, 33, 2]
-    out = list(model.generate(prompt, max_new_tokens=6, temperature=0, eos_token_id=None, return_routing=True))
-    assert len(out) == 6
-    ids = list(prompt)
-    for tok in out:
-        with torch.no_grad():
-            expected = int(model(torch.tensor([ids]))[0, -1].argmax())
-        assert tok.token_id == expected
-        ids.append(tok.token_id)
-        assert [layer for layer, _, _ in tok.routing] == [1, 2]
-        for _, experts, weights in tok.routing:
-            assert len(experts) == 2 and len(set(experts)) == 2 and all(0 <= e < 8 for e in experts)
-            assert sum(weights) == pytest.approx(1.0, abs=1e-5)  # norm_topk_prob with scaling 1
-
-
-def test_generate_stops_on_eos_and_samples_within_top_k():
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config()).eval()
-    first = next(model.generate([1, 2, 3], max_new_tokens=1, temperature=0)).token_id
-    assert list(model.generate([1, 2, 3], max_new_tokens=5, temperature=0, eos_token_id=first)) == []
+def test_naive_and_absorbed_attention_agree_without_a_cache():
+    model = spread_model()
+    attn = model.model.layers[1].self_attn
+    x = torch.randn(2, 9, TINY["hidden_size"])
+    cos, sin = model.rope_cos[:9], model.rope_sin[:9]
     with torch.no_grad():
-        top3 = set(model(torch.tensor([[1, 2, 3]]))[0, -1].topk(3).indices.tolist())
-    g = torch.Generator().manual_seed(0)
-    seen = {next(model.generate([1, 2, 3], 1, temperature=5.0, top_k=3, eos_token_id=None, generator=g)).token_id
-            for _ in range(30)}
-    assert seen <= top3 and len(seen) > 1
-    with pytest.raises(ValueError, match="exceeds the context"):
-        list(model.generate([1] * 60, max_new_tokens=10))
-
-
-def test_chunked_loss_and_gradients_match_plain_cross_entropy():
-    torch.manual_seed(0)
-    model = SmolLM2DeepSeek(tiny_config())
-    model.loss_chunk_size = 7  # several chunks, the last one partial
-    ids = torch.randint(0, 97, (2, 16))
-    targets = torch.randint(0, 97, (2, 16))
-    targets[0, :3] = -100
-    _, loss = model(ids, targets)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    ref = torch.nn.functional.cross_entropy(model(ids).view(-1, 97), targets.view(-1), ignore_index=-100)
-    ref.backward()
-    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
-    for n, p in model.named_parameters():
-        assert torch.allclose(grads[n], p.grad, atol=1e-6), n
-    model.zero_grad()  # a scaled loss (grad accumulation divides it) scales the precomputed gradients
-    (model(ids, targets)[1] * 0.25).backward()
-    for n, p in model.named_parameters():
-        assert torch.allclose(grads[n] * 0.25, p.grad, atol=1e-6), n
-    # evaluation (no grad, forms no gradients) on a larger batch: the reused logits buffer grows, values still right
-    with torch.no_grad():
-        more_ids, more_targets = torch.randint(0, 97, (3, 16)), torch.randint(0, 97, (3, 16))
-        model.loss_chunk_size = 1024
-        eval_loss = model(more_ids, more_targets)[1]
-        ref = torch.nn.functional.cross_entropy(model(more_ids).view(-1, 97), more_targets.view(-1))
-    assert eval_loss.item() == pytest.approx(ref.item(), abs=1e-5)
+        naive, absorb = attn(x, cos, sin, attn_impl="naive"), attn(x, cos, sin, attn_impl="absorb")
+    assert (naive - absorb).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="attn_impl"):
+        attn(x, cos, sin, attn_impl="flash")
 
 
 def test_bias_moves_only_through_update_bias_never_the_optimizer():
@@ -221,8 +160,10 @@ def test_balancing_brings_max_violation_down_on_a_skewed_router():
 
     def step_loads():
         model.reset_expert_loads()
+        routing = []
         with torch.no_grad():
-            model.moe_layers[0](x)
+            model.moe_layers[0](x, routing)
+            model.moe_layers[0].gate.count(routing[0][0])  # what a training forward of the model does
         return model.expert_loads()
 
     first = max_violation(step_loads())[0].item()
@@ -254,41 +195,6 @@ def test_moe_layer_matches_a_per_token_reference():
             assert torch.allclose(y[t], ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"hidden_sise": 64}, "hidden_sise"),
-    ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
-    ({"kv_lora_rank": 0}, "kv_lora_rank"),
-    ({"hidden_size": "big"}, "hidden_size"),
-    ({"qk_rope_head_dim": 5}, "qk_rope_head_dim"),
-    ({"n_group": 3}, "n_group"),
-    ({"rope_interleave": "yes"}, "rope_interleave"),
-])
-def test_bad_config_names_the_key(bad, message):
-    with pytest.raises(ConfigError, match=message):
-        ModelConfig.from_dict({**TINY, **bad})
-
-
-def test_bad_yaml_names_the_key(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("model:\n  hidden_size: 64\n  moe_intermediate_sizee: 12\n")
-    with pytest.raises(ConfigError, match="moe_intermediate_sizee"):
-        ModelConfig.from_yaml(str(path))
-    path.write_text("modle:\n  hidden_size: 64\n")
-    with pytest.raises(ConfigError, match="modle"):
-        ModelConfig.from_yaml(str(path))
-
-
-def test_shipped_configs_load_and_full_model_is_135m_active():
-    full = ModelConfig.from_yaml(os.path.join(ROOT, "config_smollm2_135.yaml"))
-    with torch.device("meta"):
-        counts = SmolLM2DeepSeek(full).count_parameters()
-    assert 125e6 <= counts["active"] <= 145e6, counts
-    assert counts["total"] > 2 * counts["active"]
-    assert full.kv_cache_values_per_token / SMOLLM2_GQA_VALUES <= 0.40
-    small = ModelConfig.from_yaml(os.path.join(ROOT, "config_cpu.yaml"))
-    assert small.n_routed_experts > 1 and small.num_moe_layers > 0
-
-
 def test_parameter_cli_prints_counts(capsys, monkeypatch):
     import model as model_module
 
@@ -298,38 +204,157 @@ def test_parameter_cli_prints_counts(capsys, monkeypatch):
     assert "active" in out and "total" in out and "ratio 0.375" in out
 
 
-def test_decoding_head_copy_follows_weight_updates():
-    model = spread_model()
-    prompt = [5, 17, 33, 2]
-    first = [t.token_id for t in model.generate(prompt, 5, temperature=0, eos_token_id=None)]
-    assert model._decoding_head() is model._decoding_head()  # kept between calls
-    with torch.no_grad():  # an in-place update, as an optimizer step makes: the kept copy must not be used
-        model.lm_head.weight.normal_(0, 0.5)
-    second = [t.token_id for t in model.generate(prompt, 5, temperature=0, eos_token_id=None)]
-    ids = list(prompt)
-    for tok in second:
-        with torch.no_grad():
-            assert tok == int(model(torch.tensor([ids]))[0, -1].argmax())
-        ids.append(tok)
-    assert second != first
+# ----------------------------------------------------------------------------------------------------------------
+# Optional router losses and jitter (off by default): value and gradient, on and off
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_decoding_matches_eager_decoding():
-    from model import LatentCache
+def router_inputs(model, ids):
+    """The input of every MoE layer's gate in a forward of ids (captured by hooks)."""
+    seen = []
+    hooks = [moe.gate.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+             for moe in model.moe_layers]
+    model(ids, ids)
+    for h in hooks:
+        h.remove()
+    return seen
 
-    model = spread_model()
-    prompts = [[5, 17, 33, 2], list(range(1, 30))]  # two cache lengths: one dynamic-shape graph serves both
-    eager = [[t.token_id for t in model.generate(p, 8, temperature=0, eos_token_id=None)] for p in prompts]
-    model.compile_decoding()
-    compiled = [[t.token_id for t in model.generate(p, 8, temperature=0, eos_token_id=None)] for p in prompts]
-    assert compiled == eager
-    ids = torch.randint(0, TINY["vocab_size"], (1, 12))
-    with torch.no_grad():  # the compiled one-token step itself (MoE layers on the gathered-weights path)
-        caches = [LatentCache(model.config, 1, 12, "cpu", torch.float32) for _ in range(2)]
-        for cache in caches:
-            model.hidden_states(ids[:, :11], cache, 0)
-        step_eager = model.hidden_states(ids[:, 11:], caches[0], 11)
-        step_compiled = model._compiled_step(ids[:, 11:], caches[1], 11)
-    assert (step_compiled - step_eager).abs().max().item() <= 1e-5
+
+def reference_router_loss(gate, x, B, T, alpha, z_coef):
+    """DeepSeek-V3 eq. 17-20 (sequence-wise balance loss) and the router z-loss, written out per sequence."""
+    cfg = gate.config
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    logits = x.float() @ gate.weight.float().t()  # [B*T, E]
+    scores = logits.sigmoid()
+    picked = (scores + gate.e_score_correction_bias).topk(K, dim=-1).indices.view(B, T, K)
+    total = 0.0
+    for b in range(B):
+        f = torch.zeros(E)
+        for e in picked[b].flatten().tolist():
+            f[e] += E / (K * T)
+        s = scores.view(B, T, E)[b]
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        total = total + alpha * (f * p).sum() / B
+    return total + z_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@pytest.mark.parametrize("alpha, z_coef", [(0.01, 0.0), (0.0, 0.001), (0.01, 0.001)])
+def test_router_losses_value_and_gradient(alpha, z_coef):
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    models = {}
+    for name, values in [("off", {}), ("on", dict(aux_loss_alpha=alpha, router_z_loss_coef=z_coef))]:
+        torch.manual_seed(0)
+        models[name] = SmolLM2DeepSeek(tiny_config(**values)).train()
+        _, models[name].loss = models[name](ids, ids)
+        models[name].loss.backward()
+    off, on = models["off"], models["on"]
+    inputs = router_inputs(on, ids)
+    expected = sum(reference_router_loss(moe.gate, x, 2, 12, alpha, z_coef) for moe, x in zip(on.moe_layers, inputs))
+    assert (on.loss - off.loss).item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    assert expected.item() > 0
+    # the last router's gradient gains exactly d(its aux loss)/dW (earlier routers also feed later layers' losses)
+    for moe_on, moe_off, x in [(on.moe_layers[-1], off.moe_layers[-1], inputs[-1])]:
+        gate = moe_on.gate
+        saved = gate.weight
+        gate.weight = w = torch.nn.Parameter(saved.detach().clone())
+        reference_router_loss(gate, x, 2, 12, alpha, z_coef).backward()
+        gate.weight = saved
+        assert w.grad.abs().sum() > 0
+        assert torch.allclose(moe_on.gate.weight.grad - moe_off.gate.weight.grad, w.grad, atol=1e-6)
+    # an evaluation forward after a training one carries no router loss (it used to return the stale one)
+    with torch.no_grad():
+        on.eval(), off.eval()
+        assert on(ids, ids)[1].item() == pytest.approx(off(ids, ids)[1].item(), abs=1e-6)
+
+
+def test_router_jitter_only_in_training():
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    jittery = SmolLM2DeepSeek(tiny_config(router_jitter=0.5))
+    torch.manual_seed(0)
+    plain = SmolLM2DeepSeek(tiny_config())
+
+    def loss(model, seed):
+        torch.manual_seed(seed)
+        _, value = model(ids, ids)
+        return value.item()
+
+    with torch.no_grad():
+        jittery.train(), plain.train()
+        assert loss(jittery, 1) != loss(jittery, 2)  # noisy router input: the choices vary between forwards
+        assert loss(jittery, 1) == loss(jittery, 1)  # ...drawn from torch's RNG, so a seed repeats them
+        assert loss(plain, 1) == loss(plain, 2)  # off: no noise
+        jittery.eval(), plain.eval()
+        assert loss(jittery, 1) == loss(jittery, 2) == pytest.approx(loss(plain, 1), abs=1e-6)
+    jittery.train()
+    _, value = jittery(ids, ids)
+    value.backward()  # the noise is a constant factor: gradients flow through the router as usual
+    assert all(torch.isfinite(moe.gate.weight.grad).all() and moe.gate.weight.grad.abs().sum() > 0
+               for moe in jittery.moe_layers)
+
+
+def test_gradient_checkpointing_counts_loads_once_and_keeps_gradients():
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SmolLM2DeepSeek(tiny_config(aux_loss_alpha=0.01)).train()
+        model.gradient_checkpointing = checkpointing
+        _, loss = model(ids, ids)
+        loss.backward()  # recomputes the blocks when checkpointing
+        results.append((loss.item(), model.expert_loads().clone(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, loads_a, grads_a), (loss_b, loads_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    assert torch.equal(loads_a, loads_b) and loads_a.sum().item() == 2 * 12 * 2 * 2  # B*T*K*layers
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_a, grads_b))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: every damaged or mismatched checkpoint is named
+
+
+def test_checkpoint_loading_names_what_is_wrong(tmp_path):
+    torch.manual_seed(0)
+    SmolLM2DeepSeek(tiny_config(num_hidden_layers=4)).save_pretrained(str(tmp_path))
+    assert oct(os.stat(tmp_path / "model.safetensors").st_mode & 0o777) == oct(0o666 & ~current_umask())
+    config_path = tmp_path / "config.json"
+    good = json.loads(config_path.read_text())
+    # a config with fewer layers than the weights: the extra layer is not dropped silently
+    config_path.write_text(json.dumps({**good, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.3"):
+        SmolLM2DeepSeek.from_pretrained(str(tmp_path))
+    config_path.write_bytes(b'{"model_type": "deepseek_v3", \xff}')
+    with pytest.raises(ValueError, match="config.json is not valid JSON.*not UTF-8"):
+        SmolLM2DeepSeek.from_pretrained(str(tmp_path))
+    config_path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object"):
+        SmolLM2DeepSeek.from_pretrained(str(tmp_path))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_expert_dispatch_matches_the_per_expert_loop(dtype):
+    """The grouped-GEMM path (the GPU training path) gives the sorted per-expert loop's outputs and gradients,
+    with empty experts among them."""
+    torch.manual_seed(0)
+    experts = SmolLM2DeepSeek(tiny_config()).moe_layers[0].experts.to(dtype)
+    x = torch.randn(13, TINY["hidden_size"], dtype=dtype)
+    choice = torch.randint(0, 4, (13, 2))  # experts 4-7 get no tokens
+    choice[:, 1] = (choice[:, 0] + 1 + torch.randint(0, 3, (13,))) % 4
+    weights = torch.rand(13, 2)
+    results = {}
+    for impl in ("sorted", "grouped"):
+        experts.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = experts(xi, choice, weights, impl)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        results[impl] = (y.float(), xi.grad.float(), experts.gate_up_proj.grad.float(),
+                         experts.down_proj.grad.float())
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for a, b in zip(results["sorted"], results["grouped"]):
+        assert (a - b).abs().max().item() <= tol * max(1.0, a.abs().max().item())
+    assert results["grouped"][2][4:].abs().sum() == 0  # unused experts get zero gradient
