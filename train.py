@@ -6,8 +6,10 @@
     python train.py --checkpoint_path checkpoints/step_5000 # phase 2 alone, from a step-5000 checkpoint
     torchrun --nproc_per_node 2 train.py ...                # DDP; expert loads are summed over ranks
 
-Reads top to bottom: arguments -> config -> data -> model and optimiser -> resume -> the loop (train step, bias
-update, logging, evaluation, samples, checkpoints) -> the final model where app.py looks (<out>/final).
+Reads top to bottom: configuration, data, model and optimiser, checkpoints, evaluation and metrics, then
+`train_step` (one optimizer step; the benchmarks run it too) and the run itself, in four phases: setup (arguments,
+configs, device, tokenizer, data) -> resume (or a fresh start) -> the loop (step, logging, evaluation, samples,
+checkpoints) -> finish (bias check across ranks, the final model where app.py looks: <out>/final).
 """
 from __future__ import annotations
 
@@ -318,7 +320,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device):
-    """None = plain fp32. CPUs here have no fast bf16 (DESIGN.md §4), so autocast is for CUDA only."""
+    """None = plain fp32. Autocast is for CUDA only: some CPUs have no fast bf16 (measured ~1.5 GFLOP/s bf16 vs
+    ~40 fp32 on an AVX2 EPYC)."""
     if cfg.dtype == "float32" or (cfg.dtype == "auto" and device.type != "cuda"):
         return None
     if cfg.dtype == "auto":
@@ -389,8 +392,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, tot
         "scaler": scaler.state_dict() if scaler is not None else None,
         "data": batches.state_dict(),
         "totals": totals,
-        "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": rng_state(),
         "train_config": dataclasses.asdict(cfg),
     }
     torch.save(state, os.path.join(tmp, "training_state.pt"))
@@ -521,12 +523,137 @@ def autocast(device, amp_dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run
+# One optimizer step: the trainer's loop and every benchmark run this
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    # -- distributed setup (torchrun sets these) --
+@dataclass
+class StepResult:
+    """What one optimizer step leaves for the caller. Tensors, so a caller reads them on the host only when it logs."""
+
+    micro_losses: torch.Tensor  # [grad_accum_steps]: each micro-batch's loss / grad_accum_steps (this rank's)
+    grad_norm: torch.Tensor  # the total gradient norm before clipping
+    loads: torch.Tensor  # [MoE layers, E]: tokens routed this step, summed over micro-batches and ranks
+    skipped: torch.Tensor  # bool: a non-finite loss or gradient, so the update (and the bias update) was dropped
+
+    @property
+    def loss(self) -> float:
+        """The step's loss: the micro-batch losses summed on the host in float64, as they were logged before."""
+        return sum(self.micro_losses.tolist())
+
+
+def model_loss(model, x, y) -> torch.Tensor:
+    return model(x, y)[1]
+
+
+def train_step(model, optimizer, next_batch, cfg: TrainConfig, *, amp_dtype=None, scaler=None, ddp=None,
+               loss_fn=model_loss) -> StepResult:
+    """One optimizer step over cfg.grad_accum_steps micro-batches from `next_batch()` -> (inputs, targets).
+
+    Backward under autocast (and GradScaler for fp16), no_sync on all but the last micro-batch under DDP (`ddp`, the
+    wrapped `model`), the expert loads summed over micro-batches (all-reduced over ranks), gradient clipping, then
+    the optimizer step and the loss-free balancing bias update -- or, if any loss or the gradient is not finite,
+    neither (the step is skipped). Expert loads are reset for the next step. `loss_fn(model, x, y)` lets the
+    benchmarks run a transformers model through the same step; balancing applies to our model only.
+    """
+    device = next(model.parameters()).device
+    forward = ddp if ddp is not None else model
+    accum = cfg.grad_accum_steps
+    micro_losses = []
+    for micro in range(accum):
+        x, y = next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        defer_sync = ddp is not None and micro < accum - 1  # gradients are all-reduced once, after the last
+        with (ddp.no_sync() if defer_sync else contextlib.nullcontext()), autocast(device, amp_dtype):
+            loss = loss_fn(forward, x, y) / accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        micro_losses.append(loss.detach())
+    micro_losses = torch.stack(micro_losses)
+    finite = torch.isfinite(micro_losses).all()
+    balancing = isinstance(model, SmolLM2DeepSeek)
+    loads = model.expert_loads() if balancing else torch.zeros(0, 0)
+    if ddp is not None:
+        dist.all_reduce(loads)
+        flag = finite.float().to(loads.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # one rank's NaN skips the step on every rank
+        finite = flag.bool()
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    skipped = ~(finite & torch.isfinite(grad_norm))
+    # The one host sync of a step: whether to apply the update. (A device-only path could hand the flag to a fused
+    # optimizer as GradScaler does with found_inf, and zero the loads instead of skipping the bias update.)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+    else:
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if balancing and cfg.balance_bias:
+            model.update_bias(loads)  # once per optimizer step, from the whole global batch's loads
+    if balancing:
+        model.reset_expert_loads()
+    return StepResult(micro_losses, grad_norm.detach(), loads, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: setup -> resume (or a fresh start) -> the loop -> finish
+
+
+@dataclass
+class Run:
+    """What setup decides once: the arguments, configs, device, ranks, tokenizer and data."""
+
+    args: argparse.Namespace
+    model_cfg: ModelConfig
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    tokenizer: object
+    batches: object  # PackedBatches or HubBatches
+    val_batches: list
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> str:
+        return self.args.out
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps + self.cfg.extra_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum_steps * self.world
+
+    def log(self, msg: str) -> None:
+        if self.master:
+            tqdm_write(msg)
+
+
+@dataclass
+class Trainer:
+    """The state that changes as the run goes: model, optimiser, scaler, step and totals."""
+
+    model: SmolLM2DeepSeek
+    ddp: object  # the DistributedDataParallel wrapper of `model`, or None on one rank
+    optimizer: torch.optim.Optimizer
+    scaler: object  # torch.amp.GradScaler for fp16, else None
+    amp_dtype: object  # the autocast dtype, None for plain fp32
+    step: int
+    totals: dict
+
+
+def setup(args) -> Run:
+    # distributed setup (torchrun sets these)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     device = pick_device(args.device)
@@ -534,172 +661,167 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-    master = rank == 0
-
-    def log(msg):
-        if master:
-            tqdm_write(msg)
-
     model_cfg, cfg = load_configs(args)
     os.makedirs(args.out, exist_ok=True)
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # a fresh model's initial weights come from here
     tokenizer = load_tokenizer(cfg.tokenizer)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but vocab_size is {model_cfg.vocab_size}")
     batches, val_batches = build_data(args, cfg, tokenizer, rank, world)
+    return Run(args, model_cfg, cfg, device, rank, world, tokenizer, batches, val_batches)
 
-    # -- model: fresh, or resumed from a checkpoint --
+
+def resume_or_start(run: Run) -> Trainer:
+    """The model, optimiser and position: from a checkpoint (--checkpoint_path, --resume DIR, or the newest good
+    one in --out) with its optimizer, data position and RNG state, or fresh."""
+    args, cfg = run.args, run.cfg
     resume = None
     if args.checkpoint_path:
-        resume = (args.checkpoint_path, *load_checkpoint(args.checkpoint_path, device))
+        resume = (args.checkpoint_path, *load_checkpoint(args.checkpoint_path, run.device))
     elif args.resume not in ("auto", "none"):
-        resume = (args.resume, *load_checkpoint(args.resume, device))
+        resume = (args.resume, *load_checkpoint(args.resume, run.device))
     elif args.resume == "auto":
-        resume = find_resume_checkpoint(args.out, device, log)
+        resume = find_resume_checkpoint(run.out, run.device, run.log)
     if resume:
         path, model, state = resume
-        if model.config != model_cfg:
+        if model.config != run.model_cfg:
             raise ConfigError(f"checkpoint {path} was trained with a different model config than {args.config}")
         model.train()
     else:
-        model, state = SmolLM2DeepSeek(model_cfg).to(device), None
+        model, state = SmolLM2DeepSeek(run.model_cfg).to(run.device), None
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    amp_dtype = autocast_dtype(cfg, device)
-    optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    amp_dtype = autocast_dtype(cfg, run.device)
+    optimizer = build_optimizer(model, cfg, run.device)
+    scaler = torch.amp.GradScaler(run.device.type) if amp_dtype == torch.float16 else None
     step, totals = 0, {"tokens_seen": 0, "skipped_steps": 0, "train_seconds": 0.0}
     if state:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["data"])
+        run.batches.load_state_dict(state["data"])
         step, totals = state["step"], dict(state["totals"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate((3, tuple(state["rng"]["python"]), None))
-        if state["rng"]["cuda"] and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if master:
-            truncate_metrics(args.out, step)
-        log(f"resumed from {resume[0]} at step {step}")
-    train_model = model
-    if world > 1:
+        restore_rng(state["rng"], run.device)
+        if run.master:
+            truncate_metrics(run.out, step)
+        run.log(f"resumed from {path} at step {step}")
+    ddp = None
+    if run.world > 1:
         # the balancing bias and load counters are per-rank buffers kept equal by summing loads, not broadcast
-        train_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    return Trainer(model, ddp, optimizer, scaler, amp_dtype, step, totals)
 
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(run: Run, t: Trainer) -> None:
+    """Steps t.step + 1 .. total: each one optimizer step, then logging, evaluation, samples and checkpoints."""
+    cfg, model = run.cfg, t.model
     counts = model.count_parameters()
-    total_steps = cfg.steps + cfg.extra_steps
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps * world
-    log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active | device {device}"
-        f"{'' if amp_dtype is None else f' autocast {amp_dtype}'} | {world} rank(s) | {tokens_per_step} tokens/step"
-        f" | phase 1: steps 1-{cfg.steps}"
-        + (f", phase 2: steps {cfg.steps + 1}-{total_steps}" if cfg.extra_steps else ""))
+    run.log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active | device "
+            f"{run.device}{'' if t.amp_dtype is None else f' autocast {t.amp_dtype}'} | {run.world} rank(s) | "
+            f"{run.tokens_per_step} tokens/step | phase 1: steps 1-{cfg.steps}"
+            + (f", phase 2: steps {cfg.steps + 1}-{run.total_steps}" if cfg.extra_steps else ""))
     protect = {cfg.steps}  # the phase-1 checkpoint is where phase 2 starts: never rotated away
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=run.total_steps, initial=t.step, disable=not run.master, dynamic_ncols=True, file=sys.stderr)
     model.train()
     model.reset_expert_loads()
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
-    t_last = time.perf_counter()
-    while step < total_steps:
-        step += 1
-        if step == cfg.steps + 1:
-            log(f"phase 2: {cfg.extra_steps} more steps from the step-{cfg.steps} checkpoint")
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # -- one optimizer step over grad_accum_steps micro-batches --
-        loss_sum, finite = 0.0, True
-        for micro in range(cfg.grad_accum_steps):
-            x, y = batches.next()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == cfg.grad_accum_steps - 1 or world == 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, amp_dtype):
-                _, loss = train_model(x, y)
-            loss = loss / cfg.grad_accum_steps
-            finite &= bool(torch.isfinite(loss))
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.item()
-        loads = model.expert_loads()
-        if world > 1:
-            dist.all_reduce(loads)
-            flag = torch.tensor([float(finite)], device=loads.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not finite or not torch.isfinite(grad_norm):
-            # a NaN/inf loss or gradient: drop this step's update (and its loads), count it, carry on
-            totals["skipped_steps"] += 1
-            log(f"WARNING: step {step}: non-finite loss or gradient; update skipped "
-                f"({totals['skipped_steps']} so far)")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler:
-                scaler.update()
-        else:
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cfg.balance_bias:
-                model.update_bias(loads)  # once per optimizer step, from the whole global batch's loads
-        model.reset_expert_loads()
-        now = time.perf_counter()
-        step_seconds = now - t_last
-        totals["train_seconds"] += step_seconds
-        t_last = now
-        totals["tokens_seen"] += tokens_per_step
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+    metrics_path = os.path.join(run.out, "metrics.jsonl")
+    with (open(metrics_path, "a") if run.master else contextlib.nullcontext()) as metrics_file:
+        t_last = time.perf_counter()
+        while t.step < run.total_steps:
+            t.step += 1
+            step = t.step
+            if step == cfg.steps + 1:
+                run.log(f"phase 2: {cfg.extra_steps} more steps from the step-{cfg.steps} checkpoint")
+            lr = lr_at(step, cfg)
+            for group in t.optimizer.param_groups:
+                group["lr"] = lr
+            result = train_step(model, t.optimizer, run.batches.next, cfg, amp_dtype=t.amp_dtype, scaler=t.scaler,
+                                ddp=t.ddp)
+            if result.skipped:
+                # a NaN/inf loss or gradient: the update (and its loads) was dropped; count it and carry on
+                t.totals["skipped_steps"] += 1
+                run.log(f"WARNING: step {step}: non-finite loss or gradient; update skipped "
+                        f"({t.totals['skipped_steps']} so far)")
+            now = time.perf_counter()
+            step_seconds = now - t_last
+            t.totals["train_seconds"] += step_seconds
+            t_last = now
+            t.totals["tokens_seen"] += run.tokens_per_step
+            bar.update(1)
 
-        row = None
-        if master and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step in (1, cfg.steps, total_steps)):
-            row = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_seen": totals["tokens_seen"], "skipped_steps": totals["skipped_steps"],
-                   "tokens_per_s": tokens_per_step / max(step_seconds, 1e-9),
-                   "max_vio": max_violation(loads).tolist() if len(loads) else [],
-                   "expert_load": loads.int().tolist()}
-        if step % cfg.eval_every == 0 or step in (cfg.steps, total_steps):
-            val_loss = evaluate(model, val_batches, device, amp_dtype)
+            row = None
+            if run.master and (step % cfg.log_every == 0 or step % cfg.eval_every == 0
+                               or step in (1, cfg.steps, run.total_steps)):
+                loads = result.loads
+                row = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": float(result.grad_norm),
+                       "tokens_seen": t.totals["tokens_seen"], "skipped_steps": t.totals["skipped_steps"],
+                       "tokens_per_s": run.tokens_per_step / max(step_seconds, 1e-9),
+                       "max_vio": max_violation(loads).tolist() if len(loads) else [],
+                       "expert_load": loads.int().tolist()}
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}")
+            if step % cfg.eval_every == 0 or step in (cfg.steps, run.total_steps):
+                val_loss = evaluate(model, run.val_batches, run.device, t.amp_dtype)
+                if row is not None:
+                    row["val_loss"] = val_loss
+                max_vio = max_violation(result.loads).mean().item() if len(result.loads) else 0
+                run.log(f"step {step}: train loss {result.loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                        f"MaxVio {max_vio:.3f}")
             if row is not None:
-                row["val_loss"] = val_loss
-            log(f"step {step}: train loss {loss_sum:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
-                f"MaxVio {max_violation(loads).mean().item() if len(loads) else 0:.3f}")
-        if row is not None:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-        if step % cfg.checkpoint_every == 0 or step in (cfg.steps, total_steps):
-            if master:
-                if not args.no_samples:
-                    write_samples(model, tokenizer, cfg, step, args.out, log)
-                path = save_checkpoint(args.out, step, model, tokenizer, optimizer, scaler, batches, totals, cfg,
-                                       protect)
-                plot_metrics(args.out)
-                log(f"saved {path}")
-            if world > 1:
-                dist.barrier()
-            t_last = time.perf_counter()  # checkpoint and sample time is not training time
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if step % cfg.checkpoint_every == 0 or step in (cfg.steps, run.total_steps):
+                if run.master:
+                    if not run.args.no_samples:
+                        write_samples(model, run.tokenizer, cfg, step, run.out, run.log)
+                    path = save_checkpoint(run.out, step, model, run.tokenizer, t.optimizer, t.scaler, run.batches,
+                                           t.totals, cfg, protect)
+                    plot_metrics(run.out)
+                    run.log(f"saved {path}")
+                if run.world > 1:
+                    dist.barrier()
+                t_last = time.perf_counter()  # checkpoint and sample time is not training time
     bar.close()
 
-    if world > 1:  # the bias must be identical on every rank: loads were summed, so every update was the same
-        for moe in model.moe_layers:
+
+def finish(run: Run, t: Trainer) -> None:
+    """Check the balancing bias agrees across ranks, then publish <out>/final."""
+    if run.world > 1:  # the bias must be identical on every rank: loads were summed, so every update was the same
+        for moe in t.model.moe_layers:
             bias = moe.gate.e_score_correction_bias
-            gathered = [torch.zeros_like(bias) for _ in range(world)]
+            gathered = [torch.zeros_like(bias) for _ in range(run.world)]
             dist.all_gather(gathered, bias)
             spread = max((g - gathered[0]).abs().max().item() for g in gathered)
             if spread != 0:
                 raise RuntimeError(f"balancing bias differs across ranks by {spread}")
-        log(f"balancing bias identical on all {world} ranks")
-    if master:
-        publish_final(args.out, total_steps)
-        log(f"done: {step} steps, {totals['tokens_seen']} tokens, {totals['skipped_steps']} skipped, "
-            f"{totals['train_seconds'] / 60:.1f} min training; final model in {os.path.join(args.out, 'final')}")
-    if world > 1:
+        run.log(f"balancing bias identical on all {run.world} ranks")
+    if run.master:
+        publish_final(run.out, run.total_steps)
+        run.log(f"done: {t.step} steps, {t.totals['tokens_seen']} tokens, {t.totals['skipped_steps']} skipped, "
+                f"{t.totals['train_seconds'] / 60:.1f} min training; final model in {os.path.join(run.out, 'final')}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run = setup(args)
+    trainer = resume_or_start(run)
+    train(run, trainer)
+    finish(run, trainer)
+    if run.world > 1:
         dist.destroy_process_group()
 
 

@@ -9,28 +9,22 @@ import tempfile
 import torch
 
 from common import REFERENCE, best_time, matmul_peak_gflops, ours, transformers_twin
-from train import TrainConfig, build_optimizer
+from train import TrainConfig, build_optimizer, train_step
+
+
+def hf_loss(model, x, y):
+    return model(input_ids=x, labels=y).loss  # transformers shifts the labels inside
 
 
 def train_step_fn(model, ids, hf: bool):
-    # the trainer's optimiser (train.py: AdamW, fused, no decay on norms/embedding) for both models
-    opt = build_optimizer(model, TrainConfig(lr=1e-4), torch.device("cpu"))
+    """One step of train.py's train_step (its AdamW: fused, no decay on norms/embedding; clipping, the finiteness
+    check, and for ours the loss-free balancing update) on a fixed batch."""
+    cfg = TrainConfig(lr=1e-4)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
     model.train()
-
-    def step():
-        if hf:
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            _, loss = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if not hf:  # our step includes the loss-free balancing update, as in train.py
-            model.update_bias()
-            model.reset_expert_loads()
-
-    return step
+    if hf:
+        return lambda: train_step(model, opt, lambda: (ids, ids), cfg, loss_fn=hf_loss)
+    return lambda: train_step(model, opt, lambda: (ids[:, :-1], ids[:, 1:]), cfg)
 
 
 def main():
@@ -60,7 +54,7 @@ def main():
     # 6 FLOP per active parameter per token; the tied embedding counts once, as the lm_head matmul it also is
     flop_per_token = 6 * counts["active"]
     mfu = results["ours"] * flop_per_token / (peak * 1e9)
-    print(f"config: DESIGN.md §4 reference (d 192, 4 layers, 8 experts top-2 + shared), batch {args.batch} x {args.seq}")
+    print(f"config: the reference shape (d 192, 4 layers, 8 experts top-2 + shared), batch {args.batch} x {args.seq}")
     print(f"fp32 matmul peak (2048^2 GEMM, best of 5, probed {len(peaks)} times): "
           f"{' / '.join(f'{p:.0f}' for p in peaks)} GFLOP/s; MFU uses {peak:.1f}")
     print(f"transformers training: {results['transformers']:.1f} tok/s")

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the reference config of DESIGN.md §4, a matmul-peak probe, a timer."""
+"""Shared pieces of the benchmarks: the reference config, a matmul-peak probe, a timer."""
 import os
 import sys
 import time
@@ -9,7 +9,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import ModelConfig, SmolLM2DeepSeek  # noqa: E402
 
-# DESIGN.md §4: the config on which transformers was measured at ~78 tok/s training and ~29 tok/s decoding here
+# The config on which transformers' DeepseekV3ForCausalLM was measured at ~78 tok/s training and ~29 tok/s greedy
+# decoding (batch 4 x 128, AdamW) on a 2-core AVX2 EPYC; ~840 and ~76 tok/s on a 2-core Zen 4
 REFERENCE = dict(vocab_size=49152, hidden_size=192, num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=48,
                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
                  n_shared_experts=1, moe_intermediate_size=192, first_k_dense_replace=1, intermediate_size=576,

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import SmolLM2DeepSeek  # noqa: E402
-from train import TrainConfig, build_data, build_optimizer, load_configs, load_tokenizer, lr_at  # noqa: E402
+from train import (TrainConfig, build_data, build_optimizer, load_configs, load_tokenizer, lr_at,  # noqa: E402
+                   model_loss, train_step)
 
 
 def dense_twin(ours: SmolLM2DeepSeek, kv_heads: int):
@@ -54,14 +55,10 @@ def dense_loss(model, x, y):
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def ours_loss(model, x, y):
-    return model(x, y)[1]
-
-
 def train_one(name, model, loss_fn, cfg: TrainConfig, batches, val, log):
+    """cfg.steps steps of train.py's train_step (the same step for both models; balancing for ours only)."""
     torch.manual_seed(cfg.seed)
     opt = build_optimizer(model, cfg, torch.device("cpu"))
-    balancing = isinstance(model, SmolLM2DeepSeek)
     rows, tokens, start = [], 0, time.perf_counter()
 
     def val_loss():
@@ -75,18 +72,12 @@ def train_one(name, model, loss_fn, cfg: TrainConfig, batches, val, log):
     for step in range(1, cfg.steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = batches.next()
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if balancing:
-            model.update_bias()
-            model.reset_expert_loads()
-        tokens += x.numel()
+        result = train_step(model, opt, batches.next, cfg, loss_fn=loss_fn)
+        tokens += cfg.batch_size * cfg.seq_len * cfg.grad_accum_steps
+        if result.skipped:
+            log(f"{name} step {step}: non-finite loss or gradient; update skipped")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            row = {"step": step, "train_loss": loss.item(), "val_loss": val_loss(), "tokens": tokens,
+            row = {"step": step, "train_loss": result.loss, "val_loss": val_loss(), "tokens": tokens,
                    "tokens_per_s": tokens / (time.perf_counter() - start)}
             rows.append(row)
             log(f"{name} step {step}: train {row['train_loss']:.3f} val {row['val_loss']:.3f} "
@@ -133,7 +124,7 @@ def main():
         f"dense GQA (Llama, {dense.config.num_attention_heads} heads / {dense.config.num_key_value_heads} kv, "
         f"MLP {dense.config.intermediate_size}): {dense_params / 1e6:.2f}M")
     results = {}
-    for name, model, loss_fn in [("moe", ours, ours_loss), ("dense", dense, dense_loss)]:
+    for name, model, loss_fn in [("moe", ours, model_loss), ("dense", dense, dense_loss)]:
         batches, val = build_data(data_args, cfg, tokenizer, 0, 1)  # same windows, same order for both
         results[name] = train_one(name, model, loss_fn, cfg, batches, val, log)
     summary = {

@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import ModelConfig, SmolLM2DeepSeek
-from train import TrainConfig, build_optimizer
+from train import TrainConfig, build_optimizer, train_step
 
 
 def main():
@@ -21,19 +21,13 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     model = SmolLM2DeepSeek(ModelConfig.from_yaml(args.config)).to(device).train()
-    opt = build_optimizer(model, TrainConfig(lr=1e-4), device)  # the trainer's optimiser
+    cfg = TrainConfig(lr=1e-4)
+    opt = build_optimizer(model, cfg, device)  # the trainer's optimiser and step
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
 
     def step():
-        with amp:
-            _, loss = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_bias()
-        model.reset_expert_loads()
-        return loss.item()
+        return train_step(model, opt, lambda: (ids[:, :-1], ids[:, 1:]), cfg, amp_dtype=amp_dtype).loss
 
     for _ in range(2):
         step()
