@@ -63,3 +63,19 @@ def test_hf_dict_round_trip():
     config = ModelConfig.from_dict({**TINY, "rope_theta": 17.78})
     again = ModelConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict())))
     assert again == config
+
+
+def test_space_config_is_sized_for_the_corpus():
+    """config_space.yaml: the 51.3M (32.7M active) candidate, its run 3-5 passes over the 11.34M-token corpus."""
+    from config import read_yaml, dataclass_from_dict
+    from train import TrainConfig
+
+    data = read_yaml(os.path.join(ROOT, "config_space.yaml"))
+    model_cfg = ModelConfig.from_dict(data["model"])
+    train_cfg = dataclass_from_dict(TrainConfig, data["train"], "config_space.yaml [train]")
+    with torch.device("meta"):
+        counts = SmolLM2DeepSeek(model_cfg).count_parameters()
+    assert round(counts["total"] / 1e6, 1) == 51.3 and round(counts["active"] / 1e6, 1) == 32.7
+    tokens = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum_steps * train_cfg.seq_len
+    assert 3 <= tokens / 11.34e6 <= 5
+    assert train_cfg.seq_len <= model_cfg.max_position_embeddings
