@@ -304,10 +304,11 @@ class Experts(nn.Module):
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
             0, flat, torch.ones_like(flat, dtype=torch.int32))
         offsets = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-        xs = x[token_of]  # [N*K, d], grouped by expert
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        if xs.dtype != w_gate_up.dtype:  # autocast does not cover grouped_mm: run it in the activations' dtype
-            w_gate_up, w_down = w_gate_up.to(xs.dtype), w_down.to(xs.dtype)
+        # autocast does not cover grouped_mm, and its fast CUDA kernel wants bf16 inputs AND weights (fp32 master
+        # weights take a slow fallback that copies the offsets to the host): cast both to the autocast dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        xs = x[token_of].to(dtype)  # [N*K, d], grouped by expert
+        w_gate_up, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
         gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)  # [N*K, I] each
         ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)  # [N*K, d]
         ys = ys * weights.flatten()[order].unsqueeze(-1).to(ys.dtype)

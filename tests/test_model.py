@@ -358,3 +358,23 @@ def test_grouped_expert_dispatch_matches_the_per_expert_loop(dtype):
     for a, b in zip(results["sorted"], results["grouped"]):
         assert (a - b).abs().max().item() <= tol * max(1.0, a.abs().max().item())
     assert results["grouped"][2][4:].abs().sum() == 0  # unused experts get zero gradient
+
+
+def test_grouped_dispatch_runs_in_the_autocast_dtype():
+    """Under autocast the grouped GEMMs take bf16 inputs and weights (the fast GPU kernel's condition); the output
+    keeps the residual stream's dtype and stays close to the fp32 result."""
+    torch.manual_seed(0)
+    experts = SmolLM2DeepSeek(tiny_config()).moe_layers[0].experts
+    x = torch.randn(13, TINY["hidden_size"])
+    choice = torch.stack([torch.randperm(8)[:2] for _ in range(13)])
+    weights = torch.rand(13, 2)
+    seen = []
+    original = torch.nn.functional.grouped_mm
+    try:
+        torch.nn.functional.grouped_mm = lambda a, b, **kw: seen.append((a.dtype, b.dtype)) or original(a, b, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = experts(x, choice, weights, "grouped")
+    finally:
+        torch.nn.functional.grouped_mm = original
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2 and y.dtype == torch.float32
+    assert (y - experts(x, choice, weights, "sorted")).abs().max().item() <= 3e-2 * y.abs().max().item()
