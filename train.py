@@ -65,6 +65,7 @@ class TrainConfig:
     sample_tokens: int = 48
     sample_prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     log_every: int = 10
+    max_skipped_steps: int = 10  # this many skipped steps in a row (non-finite loss or gradient) stop the run
     seed: int = 1337
     tokenizer: str = "HuggingFaceTB/cosmo2-tokenizer"
     dataset: str = "HuggingFaceTB/smollm-corpus"
@@ -73,7 +74,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ["batch_size", "grad_accum_steps", "seq_len", "lr", "checkpoint_every", "eval_every",
-                    "eval_batches", "keep_last", "log_every", "grad_clip", "hub_val_docs"]:
+                    "eval_batches", "keep_last", "log_every", "grad_clip", "hub_val_docs", "max_skipped_steps"]:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"key '{key}' must be > 0, got {getattr(self, key)!r}")
         for key in ["steps", "extra_steps", "warmup_steps", "weight_decay", "eps", "sample_tokens"]:
@@ -105,7 +106,10 @@ def parse_args(argv=None):
                    "pre-tokenized uint16 .npy); default: stream the hub dataset")
     p.add_argument("--val-data", nargs="+", help="local validation files; default with --data: every 100th document")
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the config's)")
-    p.add_argument("--out", default="checkpoints", help="checkpoints, metrics.jsonl, samples and plot go here")
+    p.add_argument("--out", help="the run directory: checkpoints, metrics.jsonl, samples and plot go here "
+                   "(default: runs/<config name>)")
+    p.add_argument("--publish", metavar="DIR", help="after a healthy finish, copy <out>/final with the metrics, "
+                   "samples and plot to DIR (e.g. checkpoints, the shipped model app.py serves), replacing DIR's")
     p.add_argument("--steps", type=int, help="phase-1 steps (default 5000)")
     p.add_argument("--extra-steps", type=int, help="phase-2 steps after the phase-1 checkpoint (default 50)")
     p.add_argument("--resume", default="auto", help="auto (latest good checkpoint in --out), none, or a directory")
@@ -119,15 +123,26 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int)
     p.add_argument("--no-balance", action="store_true", help="turn the loss-free bias update off (for comparison)")
     p.add_argument("--no-samples", action="store_true", help="skip sample generation at checkpoints")
-    return p.parse_args(argv)
+    p.add_argument("--max-skipped-steps", type=int, help="stop the run after this many consecutive skipped "
+                   "(non-finite) steps (default 10)")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even though the checkpoint was "
+                   "trained with different settings that change the run (they are listed)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    return args
 
 
 def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
-    data = read_yaml(args.config)
+    try:
+        data = read_yaml(args.config)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{args.config}: {describe_bad_utf8(err)}") from None
     model_cfg = ModelConfig.from_dict(data.get("model", {}), where=f"{args.config} [model]")
     train_cfg = dataclass_from_dict(TrainConfig, data.get("train", {}), where=f"{args.config} [train]")
-    overrides = {k: getattr(args, k) for k in ["steps", "extra_steps", "seed", "batch_size", "grad_accum_steps",
-                                               "lr", "seq_len"] if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k, None) for k in ["steps", "extra_steps", "seed", "batch_size", "grad_accum_steps",
+                                                     "lr", "seq_len", "max_skipped_steps"]}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.tokenizer:
         overrides["tokenizer"] = args.tokenizer
     if args.no_balance:
@@ -136,6 +151,9 @@ def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
         train_cfg = dataclasses.replace(train_cfg, **overrides)
     except ConfigError as err:
         raise ConfigError(f"command line: {err}") from None
+    if train_cfg.steps + train_cfg.extra_steps == 0:
+        raise ConfigError("nothing to train: steps and extra_steps are both 0 (set --steps or --extra-steps, or "
+                          f"steps: in {args.config})")
     if train_cfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"key 'seq_len' ({train_cfg.seq_len}) exceeds the model's max_position_embeddings "
                           f"({model_cfg.max_position_embeddings})")
@@ -156,18 +174,40 @@ def load_tokenizer(name_or_path: str):
                            "offline, pass --tokenizer DIR with a local copy (e.g. ../shared/tokenizer)") from None
 
 
+def describe_bad_utf8(err: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte offset {err.start})"
+
+
 def read_documents(path: str):
+    """The documents of a .jsonl file (one JSON object with a string 'text' per line) or a .txt file (documents
+    separated by blank lines), UTF-8. Anything else is an error naming the file and line."""
     if path.endswith(".jsonl"):
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{n}: {describe_bad_utf8(err)} (offset within the line)") from None
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno})") from None
+                if not isinstance(doc, dict) or "text" not in doc:
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field")
+                if not isinstance(doc["text"], str):
+                    raise ValueError(f"{path}:{n}: 'text' must be a string, got {type(doc['text']).__name__} "
+                                     f"{str(doc['text'])[:40]}")
+                yield doc["text"]
     else:
-        with open(path) as f:
-            yield from (doc for doc in f.read().split("\n\n") if doc.strip())
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: {describe_bad_utf8(err)}") from None
+        yield from (doc for doc in text.split("\n\n") if doc.strip())
 
 
 def tokenize_files(paths: list[str], tokenizer, keep=lambda i: True) -> np.ndarray:
@@ -176,13 +216,17 @@ def tokenize_files(paths: list[str], tokenizer, keep=lambda i: True) -> np.ndarr
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
-    if len(paths) == 1 and paths[0].endswith(".npy"):
-        return np.load(paths[0], mmap_mode="r")
+    if any(path.endswith(".npy") for path in paths):
+        if len(paths) > 1:
+            raise ValueError(f"a pre-tokenized .npy must be the only data file, got {' '.join(paths)}")
+        return load_token_array(paths[0])
     key = hashlib.sha256(json.dumps([[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in paths]
                                     + [tokenizer.name_or_path, len(tokenizer), keep.__doc__]).encode()).hexdigest()
     cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "smollm2-deepseek")
     cache = os.path.join(cache_dir, f"tokens-{key[:16]}.npy")
     if os.path.isfile(cache):
+        with contextlib.suppress(OSError):
+            os.utime(cache)  # the cache keeps the most recently used files
         return np.load(cache, mmap_mode="r")
     if len(tokenizer) > 65535:
         raise ValueError("uint16 token storage needs a vocabulary of at most 65535 tokens")
@@ -199,7 +243,47 @@ def tokenize_files(paths: list[str], tokenizer, keep=lambda i: True) -> np.ndarr
     tmp = f"{cache}.{os.getpid()}.tmp.npy"
     np.save(tmp, tokens)
     os.replace(tmp, cache)
+    prune_token_cache(cache_dir, keep=cache)
     return tokens
+
+
+def load_token_array(path: str) -> np.ndarray:
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable .npy token array ({err})") from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+        raise ValueError(f"{path}: expected a 1-D array of token ids (uint16), got {tokens.dtype} of shape "
+                         f"{tokens.shape}")
+    return tokens
+
+
+# The token cache holds at most this many files and bytes; the least recently used go first.
+TOKEN_CACHE_MAX_FILES = 8
+TOKEN_CACHE_MAX_BYTES = 4 << 30
+
+
+def prune_token_cache(cache_dir: str, keep: str) -> None:
+    """Bound the token cache: delete the least recently used tokens-*.npy beyond TOKEN_CACHE_MAX_FILES files or
+    TOKEN_CACHE_MAX_BYTES bytes (never `keep`, the file just written), and temp files left by a kill (> 1 h old)."""
+    now = time.time()
+    for tmp in glob.glob(os.path.join(cache_dir, "tokens-*.tmp.npy")):
+        with contextlib.suppress(OSError):
+            if now - os.path.getmtime(tmp) > 3600:
+                os.remove(tmp)
+    files = []
+    for path in glob.glob(os.path.join(cache_dir, "tokens-*.npy")):
+        if path.endswith(".tmp.npy"):
+            continue
+        with contextlib.suppress(OSError):
+            files.append((os.path.getmtime(path), os.path.getsize(path), path))
+    files.sort(reverse=True)  # newest first
+    count, size = 0, 0
+    for _, nbytes, path in files:
+        count, size = count + 1, size + nbytes
+        if path != keep and (count > TOKEN_CACHE_MAX_FILES or size > TOKEN_CACHE_MAX_BYTES):
+            with contextlib.suppress(OSError):  # a file mapped by a running trainer stays readable after unlink
+                os.remove(path)
 
 
 class PackedBatches:
@@ -371,6 +455,20 @@ def step_dirs(out: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write a file whole or not at all: a temp file beside it, then a rename (a kill leaves the old one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """Every parameter and buffer (the balancing bias included) holds finite numbers."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def replace_dir(tmp: str, final: str) -> None:
     """Put a fully written directory in place by rename; an existing one is kept until the new one is there."""
     if os.path.isdir(final):
@@ -380,7 +478,9 @@ def replace_dir(tmp: str, final: str) -> None:
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, totals, cfg: TrainConfig,
-                    protect=()) -> str:
+                    protect=(), identity=None) -> str:
+    """<out>/step_N, written to a temp directory and renamed. The caller writes only a healthy model (all finite),
+    so rotation by keep_last only ever drops good checkpoints for newer good ones."""
     final = os.path.join(out, f"step_{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -394,6 +494,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scaler, batches, tot
         "totals": totals,
         "rng": rng_state(),
         "train_config": dataclasses.asdict(cfg),
+        "run": identity or {},  # what else a resumed run must share with this one (see run_identity)
     }
     torch.save(state, os.path.join(tmp, "training_state.pt"))
     replace_dir(tmp, final)
@@ -411,6 +512,8 @@ def load_checkpoint(path: str, device) -> tuple[SmolLM2DeepSeek, dict]:
     if not os.path.isfile(state_path):
         raise FileNotFoundError(f"checkpoint {path} has no training_state.pt (partial write?)")
     model = SmolLM2DeepSeek.from_pretrained(path, device=device)
+    if not all_finite(model):
+        raise ValueError(f"checkpoint {path} holds non-finite weights (a diverged run)")
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -487,33 +590,85 @@ def plot_metrics(out: str) -> None:
     for ax in axes.flat:
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "training_plot.png"), dpi=90)
+    path = os.path.join(out, "training_plot.png")
+    fig.savefig(path + ".tmp", dpi=90, format="png")
     plt.close(fig)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(out: str) -> list[dict]:
-    path = os.path.join(out, "metrics.jsonl")
+    return read_rows(os.path.join(out, "metrics.jsonl"))
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows of a JSONL file; a line cut by a kill is dropped."""
     if not os.path.isfile(path):
         return []
     rows = []
     with open(path) as f:
         for line in f:
-            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill is dropped
-                rows.append(json.loads(line))
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
     return rows
 
 
 def truncate_metrics(out: str, step: int) -> None:
-    """On resume, forget rows logged after the checkpoint: the resumed run logs them again."""
-    rows = [r for r in read_metrics(out) if r["step"] <= step]
-    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    samples = os.path.join(out, "samples.jsonl")
-    if os.path.isfile(samples):
-        with open(samples) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(samples, "w") as f:
-            f.writelines(kept)
+    """On resume, forget the metrics and samples logged after the checkpoint (the resumed run logs them again).
+    Each file is rewritten whole (temp file + rename), so a kill now loses nothing."""
+    for name in ["metrics.jsonl", "samples.jsonl"]:
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_rows(path) if r["step"] <= step))
+
+
+# What a run leaves in its directory besides its checkpoints; a fresh start sets all of it aside.
+HISTORY = ["metrics.jsonl", "samples.jsonl", "training_plot.png", "final"]
+
+
+def prepare_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create the directory ({err.strerror})") from None
+
+
+def clean_stale(out: str, log) -> None:
+    """What a kill can leave behind: temp files and directories (*.tmp) are removed; a directory set aside while
+    being replaced (X.old) is put back if X is missing, else removed."""
+    for path in sorted(glob.glob(os.path.join(out, "*.tmp"))):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+        log(f"removed {path}, left by an interrupted write")
+    for path in sorted(glob.glob(os.path.join(out, "*.old"))):
+        if not os.path.exists(path[:-4]):
+            os.replace(path, path[:-4])
+            log(f"restored {path[:-4]} from {path}, left by an interrupted replace")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def set_history_aside(out: str, log) -> None:
+    """A fresh start in a directory with history: move the old metrics, samples, plot, checkpoints and final into
+    <out>/previous-<time>/, so the new run's history is its own (and nothing is lost)."""
+    names = [n for n in HISTORY if os.path.exists(os.path.join(out, n))]
+    names += [os.path.basename(path) for _, path in step_dirs(out)]
+    if not names:
+        return
+    aside = os.path.join(out, time.strftime("previous-%Y%m%d-%H%M%S"))
+    n = 1
+    while os.path.exists(aside):
+        n += 1
+        aside = os.path.join(out, time.strftime("previous-%Y%m%d-%H%M%S") + f"-{n}")
+    os.makedirs(aside)
+    for name in names:
+        os.replace(os.path.join(out, name), os.path.join(aside, name))
+    log(f"fresh start in {out}: the previous run's {', '.join(names)} moved to {aside}")
 
 
 def autocast(device, amp_dtype):
@@ -617,6 +772,7 @@ class Run:
     tokenizer: object
     batches: object  # PackedBatches or HubBatches
     val_batches: list
+    identity: dict  # what a resumed run must share with the checkpoint besides its configs (see run_identity)
 
     @property
     def master(self) -> bool:
@@ -652,29 +808,75 @@ class Trainer:
     totals: dict
 
 
+class TrainingDiverged(RuntimeError):
+    """The model went non-finite: the run stopped without saving or publishing it (exit code 3)."""
+
+
 def setup(args) -> Run:
     # distributed setup (torchrun sets these)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     device = pick_device(args.device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
     model_cfg, cfg = load_configs(args)
-    os.makedirs(args.out, exist_ok=True)
+    prepare_out(args.out)
+    if args.publish and os.path.exists(args.publish) and not os.path.isdir(args.publish):
+        raise ConfigError(f"--publish {args.publish}: is a file, not a directory")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # a fresh model's initial weights come from here
     tokenizer = load_tokenizer(cfg.tokenizer)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but vocab_size is {model_cfg.vocab_size}")
     batches, val_batches = build_data(args, cfg, tokenizer, rank, world)
-    return Run(args, model_cfg, cfg, device, rank, world, tokenizer, batches, val_batches)
+    run = Run(args, model_cfg, cfg, device, rank, world, tokenizer, batches, val_batches,
+              run_identity(tokenizer, batches, world))
+    if run.master:
+        clean_stale(run.out, run.log)
+    if world > 1:
+        dist.barrier()
+    return run
+
+
+def run_identity(tokenizer, batches, world: int) -> dict:
+    """Settings outside the configs that change a run: the ranks, the training data's size, the tokenizer's vocab."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    return {"world_size": world,
+            "train_tokens": len(batches.tokens) if isinstance(batches, PackedBatches) else None,
+            "tokenizer_vocab": hashlib.sha256(vocab).hexdigest()[:16]}
+
+
+# TrainConfig keys that may differ on resume: they change what is logged, evaluated when or kept, not the steps
+# taken (extra_steps only adds steps at the end; the tokenizer is compared by its vocabulary, not its name).
+RESUME_FREE_KEYS = {"extra_steps", "log_every", "eval_every", "checkpoint_every", "keep_last", "sample_tokens",
+                    "sample_prompts", "max_skipped_steps", "gradient_checkpointing", "tokenizer"}
+
+
+def config_changes(model: SmolLM2DeepSeek, state: dict, run: Run) -> list[str]:
+    """The settings of this run that differ from the checkpoint's, as 'key: saved -> now', where they change the
+    run. Checkpoints from before a setting was saved are not compared on it."""
+    changes = []
+    for f in dataclasses.fields(ModelConfig):
+        saved, now = getattr(model.config, f.name), getattr(run.model_cfg, f.name)
+        if saved != now:
+            changes.append(f"model {f.name}: {saved!r} -> {now!r}")
+    saved_train = state.get("train_config") or {}
+    for key, now in dataclasses.asdict(run.cfg).items():
+        if key not in RESUME_FREE_KEYS and key in saved_train and saved_train[key] != now:
+            changes.append(f"{key}: {saved_train[key]!r} -> {now!r}")
+    saved_run = state.get("run") or {}
+    for key, now in run.identity.items():
+        if key in saved_run and saved_run[key] != now:
+            changes.append(f"{key}: {saved_run[key]!r} -> {now!r}")
+    return changes
 
 
 def resume_or_start(run: Run) -> Trainer:
     """The model, optimiser and position: from a checkpoint (--checkpoint_path, --resume DIR, or the newest good
-    one in --out) with its optimizer, data position and RNG state, or fresh."""
+    one in --out) with its optimizer, data position and RNG state, or fresh (the directory's old history is set
+    aside). A checkpoint trained with settings that change the run is refused unless --allow-config-change."""
     args, cfg = run.args, run.cfg
     resume = None
     if args.checkpoint_path:
@@ -685,10 +887,20 @@ def resume_or_start(run: Run) -> Trainer:
         resume = find_resume_checkpoint(run.out, run.device, run.log)
     if resume:
         path, model, state = resume
+        changes = config_changes(model, state, run)
+        if changes and not args.allow_config_change:
+            raise ConfigError(f"checkpoint {path} was trained with other settings that change the run: "
+                              f"{'; '.join(changes)}. Start a new run (another --out, or --resume none), or pass "
+                              "--allow-config-change to continue with these changes")
+        if changes:
+            run.log(f"WARNING: continuing from {path} with changed settings (--allow-config-change): "
+                    f"{'; '.join(changes)}")
         if model.config != run.model_cfg:
-            raise ConfigError(f"checkpoint {path} was trained with a different model config than {args.config}")
+            model = adopt_model_config(model, run.model_cfg, path)
         model.train()
     else:
+        if run.master:
+            set_history_aside(run.out, run.log)
         model, state = SmolLM2DeepSeek(run.model_cfg).to(run.device), None
     model.gradient_checkpointing = cfg.gradient_checkpointing
     amp_dtype = autocast_dtype(cfg, run.device)
@@ -696,6 +908,9 @@ def resume_or_start(run: Run) -> Trainer:
     scaler = torch.amp.GradScaler(run.device.type) if amp_dtype == torch.float16 else None
     step, totals = 0, {"tokens_seen": 0, "skipped_steps": 0, "train_seconds": 0.0}
     if state:
+        if state["step"] > run.total_steps:
+            raise ConfigError(f"checkpoint {path} is at step {state['step']}, past this run's last step "
+                              f"{run.total_steps} (steps {cfg.steps} + extra_steps {cfg.extra_steps})")
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
@@ -712,6 +927,17 @@ def resume_or_start(run: Run) -> Trainer:
     return Trainer(model, ddp, optimizer, scaler, amp_dtype, step, totals)
 
 
+def adopt_model_config(model: SmolLM2DeepSeek, config: ModelConfig, path: str) -> SmolLM2DeepSeek:
+    """The checkpoint's weights in a model built from this run's (changed) config; the shapes must match."""
+    new = SmolLM2DeepSeek(config).to(next(model.parameters()).device)
+    try:
+        new.load_state_dict(model.state_dict())
+    except RuntimeError:
+        raise ConfigError(f"checkpoint {path}: its weights do not fit this run's model config (a changed key "
+                          "changes their shapes); only keys such as bias_update_speed can change on resume") from None
+    return new
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -725,7 +951,11 @@ def restore_rng(state: dict, device: torch.device) -> None:
 
 
 def train(run: Run, t: Trainer) -> None:
-    """Steps t.step + 1 .. total: each one optimizer step, then logging, evaluation, samples and checkpoints."""
+    """Steps t.step + 1 .. total: each one optimizer step, then logging, evaluation, samples and checkpoints.
+    A checkpoint is written after a step whose update was applied, with every weight finite: one due after a
+    skipped step waits for the next good step. TrainingDiverged stops the run after cfg.max_skipped_steps skipped
+    steps in a row, a non-finite validation loss, non-finite weights, or a last step that was skipped: nothing
+    non-finite or stuck is ever saved or published."""
     cfg, model = run.cfg, t.model
     counts = model.count_parameters()
     run.log(f"model: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active | device "
@@ -739,6 +969,8 @@ def train(run: Run, t: Trainer) -> None:
     bar = tqdm(total=run.total_steps, initial=t.step, disable=not run.master, dynamic_ncols=True, file=sys.stderr)
     model.train()
     model.reset_expert_loads()
+    skipped_in_a_row = 0
+    checkpoint_due = None  # the step whose checkpoint is owed (it waits while steps are skipped)
     metrics_path = os.path.join(run.out, "metrics.jsonl")
     with (open(metrics_path, "a") if run.master else contextlib.nullcontext()) as metrics_file:
         t_last = time.perf_counter()
@@ -752,11 +984,21 @@ def train(run: Run, t: Trainer) -> None:
                 group["lr"] = lr
             result = train_step(model, t.optimizer, run.batches.next, cfg, amp_dtype=t.amp_dtype, scaler=t.scaler,
                                 ddp=t.ddp)
+            diverged = None
             if result.skipped:
-                # a NaN/inf loss or gradient: the update (and its loads) was dropped; count it and carry on
+                # a NaN/inf loss or gradient: the update (and its loads) was dropped; count it and carry on, unless
+                # it keeps happening. (fp16's GradScaler skips overflowing steps while it lowers its scale: with a
+                # finite loss those are not counted as divergence.)
                 t.totals["skipped_steps"] += 1
+                if t.scaler is None or not torch.isfinite(result.micro_losses).all():
+                    skipped_in_a_row += 1
                 run.log(f"WARNING: step {step}: non-finite loss or gradient; update skipped "
-                        f"({t.totals['skipped_steps']} so far)")
+                        f"({t.totals['skipped_steps']} so far, {skipped_in_a_row} in a row)")
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    diverged = (f"{skipped_in_a_row} steps in a row skipped for a non-finite loss or gradient "
+                                f"(max_skipped_steps {cfg.max_skipped_steps})")
+            else:
+                skipped_in_a_row = 0
             now = time.perf_counter()
             step_seconds = now - t_last
             t.totals["train_seconds"] += step_seconds
@@ -765,7 +1007,7 @@ def train(run: Run, t: Trainer) -> None:
             bar.update(1)
 
             row = None
-            if run.master and (step % cfg.log_every == 0 or step % cfg.eval_every == 0
+            if run.master and (step % cfg.log_every == 0 or step % cfg.eval_every == 0 or diverged
                                or step in (1, cfg.steps, run.total_steps)):
                 loads = result.loads
                 row = {"step": step, "loss": result.loss, "lr": lr, "grad_norm": float(result.grad_norm),
@@ -781,15 +1023,32 @@ def train(run: Run, t: Trainer) -> None:
                 max_vio = max_violation(result.loads).mean().item() if len(result.loads) else 0
                 run.log(f"step {step}: train loss {result.loss:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
                         f"MaxVio {max_vio:.3f}")
+                if not math.isfinite(val_loss):
+                    diverged = diverged or f"the validation loss is {val_loss}"
             if row is not None:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             if step % cfg.checkpoint_every == 0 or step in (cfg.steps, run.total_steps):
+                checkpoint_due = checkpoint_due or step
+            if checkpoint_due and result.skipped:
+                if step == run.total_steps:
+                    diverged = diverged or "the last step was skipped (a non-finite loss or gradient)"
+                elif step == checkpoint_due:
+                    run.log(f"WARNING: step {step} was skipped: its checkpoint waits for the next good step")
+            if checkpoint_due and not result.skipped and not diverged and not all_finite(model):
+                diverged = "the model holds non-finite weights"
+            if diverged:
+                bar.close()
+                raise TrainingDiverged(divergence_message(run, step, diverged))
+            if checkpoint_due and not result.skipped:
+                if checkpoint_due == cfg.steps:
+                    protect.add(step)  # the phase-1 checkpoint, wherever it landed
+                checkpoint_due = None
                 if run.master:
                     if not run.args.no_samples:
                         write_samples(model, run.tokenizer, cfg, step, run.out, run.log)
                     path = save_checkpoint(run.out, step, model, run.tokenizer, t.optimizer, t.scaler, run.batches,
-                                           t.totals, cfg, protect)
+                                           t.totals, cfg, protect, run.identity)
                     plot_metrics(run.out)
                     run.log(f"saved {path}")
                 if run.world > 1:
@@ -798,8 +1057,18 @@ def train(run: Run, t: Trainer) -> None:
     bar.close()
 
 
+def divergence_message(run: Run, step: int, reason: str) -> str:
+    if run.master:
+        plot_metrics(run.out)  # the curve up to here, to see where it went wrong
+    good = [path for s, path in step_dirs(run.out) if s < step]
+    where = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written"
+    return (f"training diverged at step {step}: {reason}. No checkpoint was written from it; {where}; "
+            f"{os.path.join(run.out, 'final')} was not published. Lower --lr (resuming needs --allow-config-change) "
+            "or look for bad data")
+
+
 def finish(run: Run, t: Trainer) -> None:
-    """Check the balancing bias agrees across ranks, then publish <out>/final."""
+    """Check the balancing bias agrees across ranks, then publish <out>/final (and --publish DIR)."""
     if run.world > 1:  # the bias must be identical on every rank: loads were summed, so every update was the same
         for moe in t.model.moe_layers:
             bias = moe.gate.e_score_correction_bias
@@ -809,10 +1078,15 @@ def finish(run: Run, t: Trainer) -> None:
             if spread != 0:
                 raise RuntimeError(f"balancing bias differs across ranks by {spread}")
         run.log(f"balancing bias identical on all {run.world} ranks")
+    if not all_finite(t.model):  # checkpoints are only written healthy; this guards the publishing itself
+        raise TrainingDiverged(f"the model at step {t.step} holds non-finite weights; nothing was published")
     if run.master:
-        publish_final(run.out, run.total_steps)
+        final = publish_final(run.out, run.total_steps)
         run.log(f"done: {t.step} steps, {t.totals['tokens_seen']} tokens, {t.totals['skipped_steps']} skipped, "
-                f"{t.totals['train_seconds'] / 60:.1f} min training; final model in {os.path.join(run.out, 'final')}")
+                f"{t.totals['train_seconds'] / 60:.1f} min training; final model in {final}")
+        if run.args.publish:
+            published = publish_run(run.out, run.args.publish)
+            run.log(f"published {final} as {published}, with its metrics, samples and plot beside it")
 
 
 def main(argv=None) -> None:
@@ -825,22 +1099,48 @@ def main(argv=None) -> None:
         dist.destroy_process_group()
 
 
-def publish_final(out: str, step: int) -> None:
+def publish_final(out: str, step: int) -> str:
     """Copy the last checkpoint's model (no optimizer state) to <out>/final, where app.py looks, atomically."""
     source = os.path.join(out, f"step_{step}")
     final = os.path.join(out, "final")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("training_state.pt"))
+    rows = read_metrics(out)
+    val = [r for r in rows if "val_loss" in r]
+    # one batch's loss is noisy: the mean of the last 10 logged (a skipped step's NaN is left out)
+    recent = [r for r in rows[-10:] if math.isfinite(r["loss"])]
+    summary = {"step": step, "tokens_seen": rows[-1]["tokens_seen"] if rows else None,
+               "train_loss": sum(r["loss"] for r in recent) / len(recent) if recent else None,
+               "train_loss_steps": [recent[0]["step"], recent[-1]["step"]] if recent else None,
+               "val_loss": val[-1]["val_loss"] if val else None}
     with open(os.path.join(tmp, "training_summary.json"), "w") as f:
-        rows = read_metrics(out)
-        val = [r for r in rows if "val_loss" in r]
-        recent = [r["loss"] for r in rows[-10:]]  # one batch's loss is noisy: the mean of the last 10 logged
-        json.dump({"step": step, "tokens_seen": rows[-1]["tokens_seen"] if rows else None,
-                   "train_loss": sum(recent) / len(recent) if recent else None,
-                   "train_loss_steps": [rows[-10:][0]["step"], rows[-1]["step"]] if rows else None,
-                   "val_loss": val[-1]["val_loss"] if val else None}, f, indent=2)
+        json.dump(summary, f, indent=2, allow_nan=False)
     replace_dir(tmp, final)
+    return final
+
+
+def publish_run(out: str, dest: str) -> str:
+    """--publish DIR: <out>/final becomes DIR/final, and the run's metrics.jsonl, samples.jsonl and
+    training_plot.png replace DIR's (a file the run lacks is removed from DIR, so all of DIR is one run's). Each
+    piece is written beside its target and renamed into place."""
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise ConfigError(f"--publish {dest}: is a file, not a directory")
+    os.makedirs(dest, exist_ok=True)
+    final = os.path.join(dest, "final")
+    if os.path.realpath(final) == os.path.realpath(os.path.join(out, "final")):
+        return final  # --publish names the run directory itself: already there
+    shutil.rmtree(final + ".tmp", ignore_errors=True)
+    shutil.copytree(os.path.join(out, "final"), final + ".tmp")
+    replace_dir(final + ".tmp", final)
+    for name in ["metrics.jsonl", "samples.jsonl", "training_plot.png"]:
+        source, target = os.path.join(out, name), os.path.join(dest, name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, target + ".tmp")
+            os.replace(target + ".tmp", target)
+        elif os.path.isfile(target):
+            os.remove(target)
+    return final
 
 
 def tqdm_write(msg: str) -> None:
@@ -849,9 +1149,22 @@ def tqdm_write(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """main() with the exit codes of the command line: 0 done, 2 a bad argument, config, data file or checkpoint
+    (one line naming it), 3 the run diverged, 130 interrupted."""
     try:
-        main()
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        main(argv)
+    except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 3
+    except (ConfigError, OSError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -102,3 +102,64 @@ def tokenizer():
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+# -- the trainer's tests (test_train.py, test_faults.py): a tiny run config, ~60 corpus documents, the command line
+TRAIN_TINY_YAML = """
+model:
+  vocab_size: 49152
+  hidden_size: 32
+  num_hidden_layers: 2
+  num_attention_heads: 2
+  kv_lora_rank: 16
+  qk_nope_head_dim: 8
+  qk_rope_head_dim: 4
+  v_head_dim: 8
+  intermediate_size: 64
+  moe_intermediate_size: 16
+  n_routed_experts: 4
+  num_experts_per_tok: 2
+  max_position_embeddings: 128
+train:
+  steps: 8
+  extra_steps: 2
+  batch_size: 2
+  grad_accum_steps: 2
+  seq_len: 32
+  warmup_steps: 2
+  checkpoint_every: 3
+  eval_every: 3
+  eval_batches: 2
+  log_every: 1
+  keep_last: 2
+  sample_tokens: 4
+"""
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory):
+    """~60 training documents and 3 validation documents from the offline corpus; the tiny run config."""
+    d = tmp_path_factory.mktemp("train_data")
+    with open(os.path.join(CORPUS_DIR, "train.jsonl")) as src, open(d / "train.jsonl", "w") as dst:
+        for _, line in zip(range(60), src):
+            doc = json.loads(line)
+            dst.write(json.dumps({"text": doc["text"][:3000]}) + "\n")
+    with open(os.path.join(CORPUS_DIR, "val.jsonl")) as src, open(d / "val.jsonl", "w") as dst:
+        for _, line in zip(range(3), src):
+            dst.write(line)
+    (d / "tiny.yaml").write_text(TRAIN_TINY_YAML)
+    return d
+
+
+def train_cmd(data, out, *extra) -> list[str]:
+    """python train.py on the tiny config and data (no samples); extra arguments override."""
+    import sys
+
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", str(data / "tiny.yaml"),
+            "--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
+            "--tokenizer", TOKENIZER_DIR, "--out", str(out), "--no-samples", *extra]
+
+
+def train_env(data) -> dict:
+    return {**os.environ, "XDG_CACHE_HOME": str(data / "cache"), "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}

@@ -10,69 +10,15 @@ import time
 import pytest
 import torch
 
-from conftest import CORPUS_DIR as CORPUS, ROOT, TOKENIZER_DIR as TOKENIZER, needs_corpus, read_jsonl
+from conftest import (ROOT, TOKENIZER_DIR as TOKENIZER, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl,
+                      train_cmd, train_env)
 
 pytestmark = needs_corpus
 
-TINY_YAML = """
-model:
-  vocab_size: 49152
-  hidden_size: 32
-  num_hidden_layers: 2
-  num_attention_heads: 2
-  kv_lora_rank: 16
-  qk_nope_head_dim: 8
-  qk_rope_head_dim: 4
-  v_head_dim: 8
-  intermediate_size: 64
-  moe_intermediate_size: 16
-  n_routed_experts: 4
-  num_experts_per_tok: 2
-  max_position_embeddings: 128
-train:
-  steps: 8
-  extra_steps: 2
-  batch_size: 2
-  grad_accum_steps: 2
-  seq_len: 32
-  warmup_steps: 2
-  checkpoint_every: 3
-  eval_every: 3
-  eval_batches: 2
-  log_every: 1
-  keep_last: 2
-  sample_tokens: 4
-"""
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """~60 training documents and 3 validation documents from the offline corpus; a tiny config."""
-    d = tmp_path_factory.mktemp("data")
-    with open(os.path.join(CORPUS, "train.jsonl")) as src, open(d / "train.jsonl", "w") as dst:
-        for _, line in zip(range(60), src):
-            doc = json.loads(line)
-            dst.write(json.dumps({"text": doc["text"][:3000]}) + "\n")
-    with open(os.path.join(CORPUS, "val.jsonl")) as src, open(d / "val.jsonl", "w") as dst:
-        for _, line in zip(range(3), src):
-            dst.write(line)
-    (d / "tiny.yaml").write_text(TINY_YAML)
-    return d
-
-
-def train_cmd(data, out, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--config", str(data / "tiny.yaml"),
-            "--data", str(data / "train.jsonl"), "--val-data", str(data / "val.jsonl"),
-            "--tokenizer", TOKENIZER, "--out", str(out), "--no-samples", *extra]
-
-
-def env_for(data):
-    return {**os.environ, "XDG_CACHE_HOME": str(data / "cache"), "OMP_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def run(cmd, data, **kw):
-    return subprocess.run(cmd, env=env_for(data), capture_output=True, text=True, timeout=300, cwd=ROOT, **kw)
+def run(cmd, train_data, **kw):
+    return subprocess.run(cmd, env=train_env(train_data), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          **kw)
 
 
 def losses(out):
@@ -81,9 +27,9 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def reference_run(data, tmp_path_factory):
+def reference_run(train_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    result = run(train_cmd(data, out), data)
+    result = run(train_cmd(train_data, out), train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -107,9 +53,9 @@ def test_uninterrupted_run_writes_everything(reference_run):
                                               "training_plot.png"])
 
 
-def test_sigkill_midway_then_resume_gives_identical_losses(data, reference_run, tmp_path):
+def test_sigkill_midway_then_resume_gives_identical_losses(train_data, reference_run, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(data, out), env=env_for(data), cwd=ROOT,
+    proc = subprocess.Popen(train_cmd(train_data, out), env=train_env(train_data), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not os.path.isdir(out / "step_3") and time.time() < deadline and proc.poll() is None:
@@ -118,20 +64,20 @@ def test_sigkill_midway_then_resume_gives_identical_losses(data, reference_run, 
     proc.wait()
     assert os.path.isdir(out / "step_3"), "the run never wrote its first checkpoint"
     assert not os.path.isdir(out / "final"), "the run finished before it could be killed"
-    result = run(train_cmd(data, out), data)
+    result = run(train_cmd(train_data, out), train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
     assert losses(out) == losses(reference_run)  # exactly, every step of both phases
 
 
-def test_phase_two_starts_from_phase_one_checkpoint(data, reference_run, tmp_path):
+def test_phase_two_starts_from_phase_one_checkpoint(train_data, reference_run, tmp_path):
     phase1 = tmp_path / "phase1"
-    result = run(train_cmd(data, phase1, "--extra-steps", "0"), data)
+    result = run(train_cmd(train_data, phase1, "--extra-steps", "0"), train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(phase1 / "step_8" / "training_state.pt", weights_only=True)
     assert state["step"] == 8 and state["optimizer"]["state"]  # optimizer moments are saved
     phase2 = tmp_path / "phase2"
-    result = run(train_cmd(data, phase2, "--checkpoint_path", str(phase1 / "step_8")), data)
+    result = run(train_cmd(train_data, phase2, "--checkpoint_path", str(phase1 / "step_8")), train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     got = losses(phase2)
     assert sorted(got) == [9, 10]  # step numbers continue after phase 1
@@ -139,56 +85,58 @@ def test_phase_two_starts_from_phase_one_checkpoint(data, reference_run, tmp_pat
     assert got[9] == ref[9] and got[10] == ref[10]  # same weights, optimizer state and data position
 
 
-def train_then_truncate(data, out, steps: int, name: str, keep) -> None:
+def train_then_truncate(train_data, out, steps: int, name: str, keep) -> None:
     """Train `steps` steps into `out`, then cut step_<steps>/<name> to keep(size) bytes, as a crash or full disk would."""
-    result = run(train_cmd(data, out, "--steps", str(steps), "--extra-steps", "0"), data)
+    result = run(train_cmd(train_data, out, "--steps", str(steps), "--extra-steps", "0"), train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     path = out / f"step_{steps}" / name
     with open(path, "r+b") as f:
         f.truncate(keep(os.path.getsize(path)))
 
 
-def test_truncated_checkpoint_is_reported_and_previous_one_used(data, tmp_path):
+def test_truncated_checkpoint_is_reported_and_previous_one_used(train_data, tmp_path):
     out = tmp_path / "damaged"
-    train_then_truncate(data, out, 6, "model.safetensors", keep=lambda size: size // 2)
+    train_then_truncate(train_data, out, 6, "model.safetensors", keep=lambda size: size // 2)
     good = (out / "step_3" / "model.safetensors").read_bytes()
-    result = run(train_cmd(data, out, "--steps", "4", "--extra-steps", "0"), data)
+    result = run(train_cmd(train_data, out, "--steps", "4", "--extra-steps", "0", "--allow-config-change"),
+                 train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step_6" in result.stderr and "unusable" in result.stderr
+    assert "steps: 6 -> 4" in result.stderr  # the change is named
     assert "resumed from" in result.stderr and "step_3 at step 3" in result.stderr
     assert os.path.isdir(out / "step_4")
     # keep_last is 2: the damaged step_6 must not count, so the good step_3 survives beside step_4
     assert (out / "step_3" / "model.safetensors").read_bytes() == good
 
 
-def test_truncated_training_state_is_named(data, tmp_path):
+def test_truncated_training_state_is_named(train_data, tmp_path):
     out = tmp_path / "damaged_state"
-    train_then_truncate(data, out, 3, "training_state.pt", keep=lambda size: 100)
-    result = run(train_cmd(data, out, "--checkpoint_path", str(out / "step_3"), "--steps", "4"), data)
+    train_then_truncate(train_data, out, 3, "training_state.pt", keep=lambda size: 100)
+    result = run(train_cmd(train_data, out, "--checkpoint_path", str(out / "step_3"), "--steps", "4"), train_data)
     assert result.returncode == 2
     assert "training_state.pt" in result.stderr and "corrupt" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_bad_config_value_and_missing_data_are_clear_errors(data, tmp_path):
+def test_bad_config_value_and_missing_data_are_clear_errors(train_data, tmp_path):
     out = tmp_path / "keep"
     os.makedirs(out / "step_5")
     (out / "step_5" / "marker").write_text("a good checkpoint")
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY_YAML.replace("seq_len: 32", "seq_len: -4"))
-    result = run([*train_cmd(data, out)[:2], "--config", str(bad), *train_cmd(data, out)[4:]], data)
+    result = run([*train_cmd(train_data, out)[:2], "--config", str(bad), *train_cmd(train_data, out)[4:]], train_data)
     assert result.returncode == 2 and "seq_len" in result.stderr and "Traceback" not in result.stderr
     bad.write_text(TINY_YAML.replace("log_every: 1", "log_every: 1\n  warmup_step: 3"))
-    result = run([*train_cmd(data, out)[:2], "--config", str(bad), *train_cmd(data, out)[4:]], data)
+    result = run([*train_cmd(train_data, out)[:2], "--config", str(bad), *train_cmd(train_data, out)[4:]], train_data)
     assert result.returncode == 2 and "warmup_step" in result.stderr
-    cmd = train_cmd(data, out)
+    cmd = train_cmd(train_data, out)
     cmd[cmd.index("--data") + 1] = str(tmp_path / "nowhere.jsonl")
-    result = run(cmd, data)
+    result = run(cmd, train_data)
     assert result.returncode == 2 and "nowhere.jsonl" in result.stderr and "Traceback" not in result.stderr
     assert (out / "step_5" / "marker").read_text() == "a good checkpoint"
 
 
-def test_bias_update_once_per_optimizer_step_under_accumulation(data, tmp_path, monkeypatch):
+def test_bias_update_once_per_optimizer_step_under_accumulation(train_data, tmp_path, monkeypatch):
     import train
     from model import SmolLM2DeepSeek
 
@@ -200,9 +148,9 @@ def test_bias_update_once_per_optimizer_step_under_accumulation(data, tmp_path, 
         return original(self, loads)
 
     monkeypatch.setattr(SmolLM2DeepSeek, "update_bias", counting)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(data / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(train_data / "cache"))
     out = tmp_path / "accum"
-    train.main(train_cmd(data, out, "--steps", "4", "--extra-steps", "0", "--grad-accum", "3")[2:])
+    train.main(train_cmd(train_data, out, "--steps", "4", "--extra-steps", "0", "--grad-accum", "3")[2:])
     assert len(calls) == 4  # one per optimizer step, not per micro-batch
     for loads in calls:  # each update sees all 3 micro-batches: 3 x 2 x 32 tokens x top-2
         assert loads.shape == (1, 4) and loads.sum().item() == 3 * 2 * 32 * 2
@@ -212,7 +160,7 @@ def test_bias_update_once_per_optimizer_step_under_accumulation(data, tmp_path, 
     assert bias.abs().sum() > 0  # it moved, through update_bias
 
 
-def test_torchrun_two_ranks_keep_identical_bias(data, tmp_path):
+def test_torchrun_two_ranks_keep_identical_bias(train_data, tmp_path):
     out = tmp_path / "ddp"
     import socket
 
@@ -221,8 +169,8 @@ def test_torchrun_two_ranks_keep_identical_bias(data, tmp_path):
         port = str(s.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", port,
-           *train_cmd(data, out, "--steps", "3", "--extra-steps", "0", "--device", "cpu")[1:]]
-    result = run(cmd, data)
+           *train_cmd(train_data, out, "--steps", "3", "--extra-steps", "0", "--device", "cpu")[1:]]
+    result = run(cmd, train_data)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "balancing bias identical on all 2 ranks" in result.stderr
     rows = read_jsonl(out / "metrics.jsonl")
@@ -230,14 +178,14 @@ def test_torchrun_two_ranks_keep_identical_bias(data, tmp_path):
     assert rows[-1]["tokens_seen"] == 3 * 2 * 2 * 2 * 32
 
 
-def test_streamed_hub_batches_resume_exactly(data):
+def test_streamed_hub_batches_resume_exactly(train_data):
     """The hub path (no network here): the same packing over a local iterable dataset, resumed from its state."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     import train
 
-    docs = read_jsonl(data / "train.jsonl")[:20]
+    docs = read_jsonl(train_data / "train.jsonl")[:20]
     stream = Dataset.from_list(docs).to_iterable_dataset()
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     first = train.HubBatches(stream, tok, batch_size=2, seq_len=32, skip_docs=1)
