@@ -2,9 +2,14 @@
 
     python train.py                                         # full model, cosmopedia-v2 streamed from the hub
     python train.py --config config_cpu.yaml --data ../shared/corpus/train.jsonl \
-        --val-data ../shared/corpus/val.jsonl --tokenizer ../shared/tokenizer      # the shipped CPU model, offline
-    python train.py --checkpoint_path checkpoints/step_5000 # phase 2 alone, from a step-5000 checkpoint
+        --val-data ../shared/corpus/val.jsonl --tokenizer ../shared/tokenizer \
+        --publish checkpoints                               # the shipped CPU model, offline, then shipped
+    python train.py --checkpoint_path runs/config_smollm2_135/step_5000  # phase 2 alone, from step 5000
     torchrun --nproc_per_node 2 train.py ...                # DDP; expert loads are summed over ranks
+
+A run lives in --out (default runs/<config name>); rerunning the same command resumes it. The shipped model
+(checkpoints/) is replaced only by --publish. Exit codes: 0 done, 2 a bad argument, config, data file or
+checkpoint (one line naming it), 3 the run diverged (nothing from it saved or published), 130 interrupted.
 
 Reads top to bottom: configuration, data, model and optimiser, checkpoints, evaluation and metrics, then
 `train_step` (one optimizer step; the benchmarks run it too) and the run itself, in four phases: setup (arguments,
@@ -112,9 +117,10 @@ def parse_args(argv=None):
                    "samples and plot to DIR (e.g. checkpoints, the shipped model app.py serves), replacing DIR's")
     p.add_argument("--steps", type=int, help="phase-1 steps (default 5000)")
     p.add_argument("--extra-steps", type=int, help="phase-2 steps after the phase-1 checkpoint (default 50)")
-    p.add_argument("--resume", default="auto", help="auto (latest good checkpoint in --out), none, or a directory")
+    p.add_argument("--resume", default="auto", help="auto (latest good checkpoint in --out), none, or a directory; "
+                   "a fresh start moves --out's old history to <out>/previous-<time>/")
     p.add_argument("--checkpoint_path", "--checkpoint-path", dest="checkpoint_path",
-                   help="start from this checkpoint (e.g. checkpoints/step_5000 to run phase 2 alone)")
+                   help="start from this checkpoint (e.g. runs/config_smollm2_135/step_5000 to run phase 2 alone)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
