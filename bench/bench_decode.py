@@ -1,4 +1,5 @@
-"""Greedy decoding: ours (latent cache, absorbed MLA; eager, then with compiled decoding (generate.Decoder(model, compile=True))) vs transformers' generate
+"""Greedy decoding: ours (latent cache, absorbed MLA; eager, then compiled: generate.Decoder(model, compile=True))
+vs transformers' generate
 with its cache, after a 64-token and a 1024-token prompt; and the KV-cache bytes per token per layer vs
 SmolLM2-135M's GQA.
 

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ModelConfig, read_yaml  # noqa: E402
 from model import SmolLM2DeepSeek  # noqa: E402
-from train import TrainConfig, autocast_dtype, build_optimizer, train_step  # noqa: E402
+from train import TrainConfig, autocast_dtype, build_optimizer, gemm_peak_tflops, train_step  # noqa: E402
 
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
@@ -42,22 +42,6 @@ def dense_llama(cfg: ModelConfig):
 
 def hf_loss(model, x, y):
     return model(input_ids=x, labels=y).loss  # transformers shifts the labels inside
-
-
-def bf16_peak_tflops(device, n: int = 8192) -> float:
-    """The best bf16 (fp32 on CPU) GEMM throughput right now: the MFU denominator, measured, not a datasheet."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        sync(device)
-        best = min(best, (time.perf_counter() - t) / 4)
-    return 2 * n ** 3 / best / 1e12
 
 
 def sync(device):
@@ -121,7 +105,7 @@ def main():
     torch.manual_seed(0)
     ids = torch.randint(0, model_cfg.vocab_size, (args.batch, seq + 1), device=device)
     batch = (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
-    peak = bf16_peak_tflops(device)
+    peak = gemm_peak_tflops(device, amp_dtype)
     print(f"{device}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch "
           f"{torch.__version__}, GEMM peak {peak:.1f} TFLOP/s, batch {args.batch} x {seq}, autocast {amp_dtype}")
 

@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import ModelConfig, SmolLM2DeepSeek  # noqa: E402
+from train import gemm_peak_tflops  # noqa: E402
 
 # The config on which transformers' DeepseekV3ForCausalLM was measured at ~78 tok/s training and ~29 tok/s greedy
 # decoding (batch 4 x 128, AdamW) on a 2-core AVX2 EPYC; ~840 and ~76 tok/s on a 2-core Zen 4
@@ -30,16 +31,9 @@ def transformers_twin(model: SmolLM2DeepSeek, path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GEMM throughput of this machine right now (2n^3 FLOP per n x n matmul)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+def matmul_peak_gflops(n: int = 2048) -> float:
+    """Best fp32 GEMM throughput of this CPU right now (2n^3 FLOP per n x n matmul), by train.py's probe."""
+    return gemm_peak_tflops(torch.device("cpu"), torch.float32, n) * 1e3
 
 
 def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:

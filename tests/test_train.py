@@ -40,8 +40,9 @@ def test_uninterrupted_run_writes_everything(reference_run):
     assert sorted(got) == list(range(1, 11))  # phase 1 steps 1-8, phase 2 steps 9-10
     rows = read_jsonl(out / "metrics.jsonl")
     row = rows[2]
-    for key in ["loss", "val_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "max_vio", "expert_load"]:
+    for key in ["loss", "val_loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "mfu", "max_vio", "expert_load"]:
         assert key in row, key
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1  # against the GEMM peak probed at start-up
     assert row["tokens_seen"] == 3 * 2 * 2 * 32
     assert len(row["max_vio"]) == 1 and len(row["expert_load"][0]) == 4
     assert os.path.isfile(out / "training_plot.png") and os.path.getsize(out / "training_plot.png") > 10_000
