@@ -63,11 +63,14 @@ def read_yaml(path: str) -> dict:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+                              ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with 'model:' (and 'train:') sections")
     unknown = sorted(set(data) - {"model", "train"})

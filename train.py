@@ -119,6 +119,10 @@ def parse_args(argv=None):
     p.add_argument("--extra-steps", type=int, help="phase-2 steps after the phase-1 checkpoint (default 50)")
     p.add_argument("--resume", default="auto", help="auto (latest good checkpoint in --out), none, or a directory; "
                    "a fresh start moves --out's old history to <out>/previous-<time>/")
+    p.add_argument("--init-from", metavar="DIR", help="start from these weights (a model directory, e.g. "
+                   "convert_smollm2.py's output) with a fresh optimizer, schedule and data position; its config.json "
+                   "replaces the YAML's model: section and its tokenizer is the default. A run with checkpoints in "
+                   "--out resumes from them instead")
     p.add_argument("--checkpoint_path", "--checkpoint-path", dest="checkpoint_path",
                    help="start from this checkpoint (e.g. runs/config_smollm2_135/step_5000 to run phase 2 alone)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
@@ -142,17 +146,19 @@ def parse_args(argv=None):
 
 
 def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
-    try:
-        data = read_yaml(args.config)
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{args.config}: {describe_bad_utf8(err)}") from None
-    model_cfg = ModelConfig.from_dict(data.get("model", {}), where=f"{args.config} [model]")
+    data = read_yaml(args.config)
+    if args.init_from:  # the starting weights bring their own shape (and tokenizer): the YAML's model: is not used
+        model_cfg = init_model_config(args.init_from)
+    else:
+        model_cfg = ModelConfig.from_dict(data.get("model", {}), where=f"{args.config} [model]")
     train_cfg = dataclass_from_dict(TrainConfig, data.get("train", {}), where=f"{args.config} [train]")
     overrides = {k: getattr(args, k, None) for k in ["steps", "extra_steps", "seed", "batch_size", "grad_accum_steps",
                                                      "lr", "seq_len", "max_skipped_steps"]}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.tokenizer:
         overrides["tokenizer"] = args.tokenizer
+    elif args.init_from and os.path.isfile(os.path.join(args.init_from, "tokenizer.json")):
+        overrides["tokenizer"] = args.init_from
     if args.no_balance:
         overrides["balance_bias"] = False
     try:
@@ -166,6 +172,20 @@ def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
         raise ConfigError(f"key 'seq_len' ({train_cfg.seq_len}) exceeds the model's max_position_embeddings "
                           f"({model_cfg.max_position_embeddings})")
     return model_cfg, train_cfg
+
+
+def init_model_config(directory: str) -> ModelConfig:
+    """The model config of an --init-from checkpoint (its config.json), every problem named."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init-from {directory}: no config.json there (expected a model directory written by "
+                          "save_pretrained, convert_smollm2.py or transformers)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON (truncated, corrupt or not UTF-8?): {err}") from None
+    return ModelConfig.from_hf_dict(hf, where=path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -938,7 +958,11 @@ def resume_or_start(run: Run) -> Trainer:
     else:
         if run.master:
             set_history_aside(run.out, run.log)
-        model, state = SmolLM2DeepSeek(run.model_cfg).to(run.device), None
+        if args.init_from:  # weights only (the routing bias included); everything else starts fresh
+            model, state = SmolLM2DeepSeek.from_pretrained(args.init_from, device=run.device).train(), None
+            run.log(f"starting from the weights in {args.init_from}")
+        else:
+            model, state = SmolLM2DeepSeek(run.model_cfg).to(run.device), None
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if run.device.type == "cuda" and not args.no_compile:
         compile_blocks(model)

@@ -200,3 +200,32 @@ def test_streamed_hub_batches_resume_exactly(train_data):
     assert torch.equal(seen[0][0][0, 1:], seen[0][1][0, :-1])  # targets are the inputs shifted by one
     ids = tok(docs[1]["text"], add_special_tokens=False)["input_ids"]
     assert seen[0][0][0, :10].tolist() == ids[:10]  # skip_docs=1 skipped exactly the first document
+
+
+def test_init_from_starts_fresh_training_from_given_weights(train_data, reference_run, tmp_path):
+    """--init-from DIR: DIR's weights (routing bias included) and config.json, a fresh optimizer/schedule/position;
+    the YAML's model: section is not used; a killed run in the same --out resumes from its own checkpoints."""
+    from model import SmolLM2DeepSeek
+
+    source = reference_run / "final"
+    other_shape = tmp_path / "other.yaml"  # a model: section that does not fit the weights: ignored
+    other_shape.write_text(TINY_YAML.replace("hidden_size: 32", "hidden_size: 48"))
+    out = tmp_path / "healed"
+    cmd = train_cmd(train_data, out, "--init-from", str(source), "--steps", "3", "--extra-steps", "0", "--lr", "1e-9")
+    cmd[cmd.index("--config") + 1] = str(other_shape)
+    result = run(cmd, train_data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"starting from the weights in {source}" in result.stderr
+    first = read_jsonl(out / "metrics.jsonl")[0]
+    assert first["step"] == 1 and first["tokens_seen"] == 2 * 2 * 32  # a fresh position and step count
+    a, b = SmolLM2DeepSeek.from_pretrained(str(source)), SmolLM2DeepSeek.from_pretrained(str(out / "final"))
+    assert a.config == b.config
+    # lr 1e-9: the weights barely move from the source's (a fresh init would be far off), and the routing bias
+    # carried over (its own update moves it by 1e-3 per step)
+    assert all((x - y).abs().max() < 1e-5 for x, y in zip(a.parameters(), b.parameters()))
+    bias_a, bias_b = a.moe_layers[0].gate.e_score_correction_bias, b.moe_layers[0].gate.e_score_correction_bias
+    assert bias_a.abs().sum() > 0 and (bias_a - bias_b).abs().max() <= 3 * 1e-3 + 1e-6
+    again = run(cmd, train_data)  # the same command again: the finished run resumes, it does not restart
+    assert again.returncode == 0 and "starting from the weights" not in again.stderr
+    missing = run(train_cmd(train_data, tmp_path / "x", "--init-from", str(tmp_path / "nowhere")), train_data)
+    assert missing.returncode == 2 and "no config.json" in missing.stderr and "Traceback" not in missing.stderr
