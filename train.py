@@ -376,6 +376,14 @@ class HubBatches:
         self.docs, self.buffer, self._it = int(state["docs"]), state["buffer"].tolist(), None
 
 
+def validation_batches(tokens: np.ndarray, cfg: TrainConfig) -> list:
+    """The first cfg.eval_batches batches of consecutive seq_len windows: the same windows, in order, every time."""
+    stream = PackedBatches(tokens, cfg.batch_size, cfg.seq_len, seed=0)
+    stream._order = torch.arange(stream.num_windows)
+    stream._epoch = 0
+    return [stream.next() for _ in range(min(cfg.eval_batches, stream.per_epoch))]
+
+
 def build_data(args, cfg: TrainConfig, tokenizer, rank: int, world: int):
     """-> (training batches, validation batches [list of (x, y)])."""
     if args.data:
@@ -394,11 +402,7 @@ def build_data(args, cfg: TrainConfig, tokenizer, rank: int, world: int):
             train_tokens = tokenize_files(args.data, tokenizer, keep=train_docs)
             val_tokens = tokenize_files(args.data, tokenizer, keep=val_docs)
         batches = PackedBatches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-        val_stream = PackedBatches(val_tokens, cfg.batch_size, cfg.seq_len, seed=0)
-        val_stream._order = torch.arange(val_stream.num_windows)  # evaluate the same windows, in order, every time
-        val_stream._epoch = 0
-        n_val = min(cfg.eval_batches, val_stream.per_epoch)
-        return batches, [val_stream.next() for _ in range(n_val)]
+        return batches, validation_batches(val_tokens, cfg)
     try:
         from datasets import load_dataset
 

@@ -1,14 +1,14 @@
-"""The shipped model in checkpoints/final: loadable by transformers with our logits, the two-phase run complete,
-small enough for git, and its training record beside it."""
+"""The shipped model in checkpoints/final: it is the model its training record describes (it reproduces the recorded
+validation loss), transformers loads it with our logits, the two-phase run is complete, small enough for git, and its
+training record ships beside it."""
 import json
 import os
 
 import pytest
 import torch
 
+from conftest import CORPUS_DIR, ROOT, needs_corpus, read_jsonl
 from model import SmolLM2DeepSeek
-
-from conftest import ROOT, read_jsonl
 
 FINAL = os.path.join(ROOT, "checkpoints", "final")
 
@@ -45,3 +45,22 @@ def test_training_record_ships_beside_the_model():
     samples = read_jsonl(os.path.join(out, "samples.jsonl"))
     assert sorted({s["step"] for s in samples}) == list(range(500, 5001, 500)) + [5050]
     assert os.path.getsize(os.path.join(out, "training_plot.png")) > 10_000
+
+
+@needs_corpus
+def test_shipped_model_reproduces_its_recorded_validation_loss(tmp_path, monkeypatch):
+    """The weights are the ones the training record describes: the validation batches the run evaluated (its
+    config's batch, length and eval_batches over val.jsonl) give the val_loss of training_summary.json. A different
+    or damaged checkpoint, or one evaluated differently, would not."""
+    import train
+    from config import read_yaml
+    from config import dataclass_from_dict
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # tokenize afresh, never a cached file
+    summary = json.load(open(os.path.join(FINAL, "training_summary.json")))
+    cfg = dataclass_from_dict(train.TrainConfig, read_yaml(os.path.join(ROOT, "config_cpu.yaml"))["train"], "train")
+    model = SmolLM2DeepSeek.from_pretrained(FINAL)
+    tokenizer = train.load_tokenizer(FINAL)
+    tokens = train.tokenize_files([os.path.join(CORPUS_DIR, "val.jsonl")], tokenizer)
+    loss = train.evaluate(model, train.validation_batches(tokens, cfg), torch.device("cpu"), None)
+    assert loss == pytest.approx(summary["val_loss"], abs=2e-3)
