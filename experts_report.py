@@ -17,6 +17,7 @@ from collections import Counter
 
 import torch
 
+from generate import weights_sha256  # the same digest app.py checks
 from model import SmolLM2DeepSeek
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,10 +62,6 @@ SAMPLE = [
 ]
 
 
-def weights_sha256(model_dir: str) -> str:
-    from app import weights_sha256 as digest  # one definition, shared with the app's staleness check
-
-    return digest(model_dir)
 
 
 @torch.inference_mode()

@@ -22,6 +22,7 @@ if not HAVE_TOKENIZER:
     pytest.skip(f"the SmolLM2 tokenizer is missing at {os.path.abspath(TOKENIZER_DIR)}", allow_module_level=True)
 
 import app  # noqa: E402
+import generate  # noqa: E402
 
 CONTEXT = TINY["max_position_embeddings"]
 LIMIT = CONTEXT // 2  # the app's max new tokens for this context
@@ -261,7 +262,7 @@ def test_incremental_decoding_hides_special_tokens_and_partial_characters(tokeni
     assert special not in (None, tokenizer.unk_token_id)
     ids = (tokenizer("Größe: 🙂 日本語", add_special_tokens=False)["input_ids"] + [special]
            + tokenizer(" naïve café", add_special_tokens=False)["input_ids"] + [0])
-    assembler = app.TextAssembler(tokenizer)
+    assembler = generate.TextAssembler(tokenizer)
     pieces, texts = [], []
     for i in ids:
         pieces.append(assembler.add(i))
@@ -461,7 +462,7 @@ def test_busy_and_waiting_visitors_are_told(server, monkeypatch):
     demo, url = server
     engine = demo.engine
     saved, tokens = engine.admission, engine.tokens
-    engine.admission = app.Admission(workers=1, max_waiting=1)
+    engine.admission = generate.Admission(workers=1, max_waiting=1)
 
     def slow_tokens(ids, settings):  # the tiny model is too quick to queue behind
         for step in tokens(ids, settings):
@@ -519,7 +520,7 @@ def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(server, tokeni
     notes = []
     ids = engine.chat_prompt(history[:2], "last one", 8, notes)
     text = tokenizer.decode(ids)
-    assert text == (app.CHAT_PREAMBLE + "\n\nUser: question 0 " + "word " * 7 + "word\nAssistant: answer 0"
+    assert text == (generate.CHAT_PREAMBLE + "\n\nUser: question 0 " + "word " * 7 + "word\nAssistant: answer 0"
                     "\nUser: last one\nAssistant:")
     assert not notes
     ids = engine.chat_prompt(history, "last one", 8, notes)
@@ -538,7 +539,7 @@ def test_chat_reply_stops_at_the_next_user_turn(server, monkeypatch):
     pieces = ["Plants", " need", " light", ".", "\n", "User", ":", " more"]
 
     def fake_tokens(ids, settings):
-        assembler = app.TextAssembler(engine.tokenizer)
+        assembler = generate.TextAssembler(engine.tokenizer)
         for piece in pieces:
             token_id = engine.tokenizer(piece, add_special_tokens=False)["input_ids"][0]
             assembler.ids.append(token_id)
@@ -562,9 +563,9 @@ def test_dtype_follows_the_probe(monkeypatch, checkpoint):
     """bf16 weights only where the start-up probe measured bf16 faster; the About tab says which and why."""
     for fast, slow, expected in [(torch.bfloat16, torch.float32, torch.bfloat16),
                                  (torch.float32, torch.bfloat16, torch.float32)]:
-        monkeypatch.setattr(app, "gemm_seconds",
+        monkeypatch.setattr(generate, "gemm_seconds",
                             lambda dtype, rows, hidden, cols, f=fast: 1e-4 * rows if dtype == f else 1e-2 * rows)
-        engine = app.Engine(checkpoint)
+        engine = generate.Engine(checkpoint)
         assert engine.dtype_probe["dtype"] == expected and engine.model.lm_head.weight.dtype == expected
         assert engine.model.moe_layers[0].gate.e_score_correction_bias.dtype == torch.float32
         about = app.about_markdown(engine)
@@ -572,9 +573,9 @@ def test_dtype_follows_the_probe(monkeypatch, checkpoint):
         ids = engine.tokenizer("Cells", add_special_tokens=False)["input_ids"]
         assert len(list(engine.tokens(ids, dict(max_new=3, temperature=0.8, top_k=50)))) <= 3
     # a tie (or a small bf16 edge) keeps fp32
-    monkeypatch.setattr(app, "gemm_seconds", lambda dtype, rows, hidden, cols: 1e-3 if dtype == torch.float32
+    monkeypatch.setattr(generate, "gemm_seconds", lambda dtype, rows, hidden, cols: 1e-3 if dtype == torch.float32
                         else 0.9e-3)
-    assert app.probe_dtype(64, 49152)["dtype"] == torch.float32
+    assert generate.probe_dtype(64, 49152)["dtype"] == torch.float32
 
 
 def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
@@ -586,7 +587,7 @@ def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
     shutil.copytree(checkpoint, ckpt)
     out = experts_report.write_report(str(ckpt), top=5)
     report = json.load(open(out))
-    assert report["weights_sha256"] == app.weights_sha256(str(ckpt))
+    assert report["weights_sha256"] == generate.weights_sha256(str(ckpt))
     assert [entry["layer"] for entry in report["layers"]] == MOE_LAYERS
     for entry in report["layers"]:
         experts = entry["experts"]
@@ -621,4 +622,4 @@ def test_shipped_experts_report_matches_the_shipped_weights():
     if not os.path.isfile(os.path.join(final, "model.safetensors")):
         pytest.skip("no shipped checkpoint")
     report = json.load(open(os.path.join(final, app.EXPERTS_JSON)))
-    assert report["weights_sha256"] == app.weights_sha256(final), "stale: run python experts_report.py"
+    assert report["weights_sha256"] == generate.weights_sha256(final), "stale: run python experts_report.py"

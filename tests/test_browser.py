@@ -161,6 +161,7 @@ def open_page(p, url, width=1280, height=1000):
 
 def open_tab(page, name):
     """Click a tab; on a phone Gradio moves the tabs that do not fit into its "More tabs" menu."""
+    page.locator("#tabs [role=tab]").first.wait_for()
     tab = page.locator("#tabs [role=tab]", has_text=name)
     if tab.count() and tab.first.is_visible():
         tab.first.click()
