@@ -1,36 +1,45 @@
-"""Gradio demo of SmolLM2-DeepSeek: stream a continuation and watch which experts route every token.
+"""Gradio Space of SmolLM2-DeepSeek: complete a text or chat with it, watch which experts route every token, and see
+what each routed expert took over a fixed sample text.
 
-    python app.py                       # serves checkpoints/final on 0.0.0.0:7860 (a Hugging Face Space runs this)
+    python app.py                       # serves checkpoints/final on http://127.0.0.1:7860 (0.0.0.0 on a Space)
     MODEL_DIR=runs/x/final python app.py
     MODEL_REPO=user/smollm2-deepseek python app.py   # download from the Hub, fall back to MODEL_DIR on any error
 
-Only UI and light formatting live here; generation and routing come from model.py (`SmolLM2DeepSeek.generate`).
-Tests build the page without launching it: `build_demo(model_dir)` returns the gr.Blocks, `launch(demo, ...)` serves.
+The engine (loading, the dtype probe, input checks, admission, streaming with routing capture) is generate.py's
+"Serving" section; this file is the page around it. Tests build the page without launching it: `build_demo(model_dir)` returns the gr.Blocks, `launch(demo, ...)` serves.
 Environment: MODEL_DIR (default checkpoints/final next to this file), MODEL_REPO (optional Hub repo id),
-GRADIO_SERVER_NAME (default 0.0.0.0), GRADIO_SERVER_PORT or PORT (default 7860).
+GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 when SPACE_ID says this is a Hugging Face Space),
+GRADIO_SERVER_PORT or PORT (default 7860).
+API: /generate(prompt, temperature, top_k, max_new_tokens) and /chat(message, history, temperature, top_k,
+max_new_tokens), both streaming (gradio_client).
 """
+import asyncio
 import html
 import json
 import math
 import os
+import threading
 import time
 
+import anyio
 import gradio as gr
 import plotly.graph_objects as go
-import torch
 
-from model import SmolLM2DeepSeek
+from generate import (MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
+                      resolve_model_dir)
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL_DIR = os.path.join(APP_DIR, "checkpoints", "final")
-MAX_NEW_TOKENS = 512  # the app's cap; also at most half the context, so a prompt keeps the other half
-MAX_PROMPT_CHARS = 50_000  # longer prompts keep their end before tokenizing (the context holds far less anyway)
-MAX_TEMPERATURE = 2.0
+EXPERTS_JSON = "experts.json"  # beside the weights; written by experts_report.py
 HEATMAP_EVERY = 8  # re-send the plotly heatmap every N tokens (and at the end); the token view updates every token
-QUEUE_CONCURRENCY = 4
-QUEUE_MAX_SIZE = 32
+# Admission, chosen by bench/bench_app_load.py on 2 cores (results/app_load.json): streams running at once, and how
+# many more may wait in line before visitors are asked to come back later
+QUEUE_WORKERS = 2
+QUEUE_MAX_WAITING = 16
+WAIT_POLL_S = 0.25  # how often a waiting visitor's place in line is refreshed
+STOP_TEXT = "\nUser:"  # a chat reply ends where the model starts the visitor's next turn
 CORPUS_TOKENS = 11.34e6  # training split of ../shared/corpus with this tokenizer (DESIGN.md §4)
 SMOLLM2_GQA_VALUES = 2 * 3 * 64  # SmolLM2-135M caches K and V of 3 kv heads x 64 dims per token per layer
+LOCK = threading.Lock()
 EXAMPLES = [
     "Photosynthesis is the process by which",
     "By the end of this section, you will be able to:",
@@ -44,165 +53,141 @@ PALETTE = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading
+# The streams behind the page's events (Gradio-facing: admission messages, per-token updates)
 
 
-def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
-    """The checkpoint directory to load and a note about how it was found (None when nothing to say).
-
-    An explicit model_dir wins; otherwise MODEL_REPO is downloaded from the Hub if set (any failure, offline
-    included, falls back to the local directory), else MODEL_DIR, else checkpoints/final next to this file.
-    """
-    if model_dir:
-        return model_dir, None
-    local = os.environ.get("MODEL_DIR") or DEFAULT_MODEL_DIR
-    repo = os.environ.get("MODEL_REPO")
-    if not repo:
-        return local, None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id=repo), f"Downloaded from the Hub repo `{repo}`."
-    except Exception as err:  # offline, missing repo, no huggingface_hub...: serve the local copy instead
-        return local, f"Could not download `{repo}` from the Hub ({type(err).__name__}); using `{local}`."
+def _session(request) -> str | None:
+    return getattr(request, "session_hash", None)
 
 
-class Engine:
-    """The loaded model and tokenizer (or why they could not be loaded), and the streaming generation."""
+def busy_message(engine: Engine) -> str:
+    a = engine.admission
+    return (f"🚦 **The Space is busy**: {a.active} generation{'s' if a.active != 1 else ''} running and {a.waiting} "
+            "waiting, as many as it takes at once on its 2 CPU cores. Nothing was queued: please try again in a "
+            "minute.")
 
-    def __init__(self, model_dir: str, note: str | None = None):
-        self.model_dir = model_dir
-        self.note = note
-        self.model = None
-        self.tokenizer = None
-        self.error = None
-        self.layer_choice: dict[str, int] = {}  # session hash -> MoE layer shown in the token view
-        self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
-        try:
-            self.model = SmolLM2DeepSeek.from_pretrained(model_dir, dtype=torch.float32, device="cpu")
-            from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            if len(self.tokenizer) > self.model.config.vocab_size:
-                raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary only "
-                                 f"{self.model.config.vocab_size}: they do not belong together")
-        except Exception as err:  # any load failure becomes a message on the page, never a traceback
-            self.model, self.tokenizer = None, None
-            self.error = f"{type(err).__name__}: {err}"
-        if self.model is not None:
-            cfg = self.model.config
-            self.moe_layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
-            self.max_new_limit = max(1, min(MAX_NEW_TOKENS, cfg.max_position_embeddings // 2))
-        else:
-            self.moe_layers, self.max_new_limit = [], MAX_NEW_TOKENS
+def waiting_message(engine: Engine, place: int) -> str:
+    eta = engine.admission.estimate(place)
+    when = f"about {eta:.0f} s before yours starts" if eta is not None else "it starts as soon as a slot frees up"
+    return (f"⏳ **In line**: number {place} (the Space runs {engine.admission.workers} generations at once on 2 CPU "
+            f"cores); {when}.")
 
-    @property
-    def ok(self) -> bool:
-        return self.model is not None
 
-    def error_markdown(self) -> str:
-        where = os.path.abspath(self.model_dir)
-        text = (f"### ⚠️ No model loaded\n\nThe checkpoint in `{where}` could not be loaded:\n\n"
-                f"> {self.error}\n\nTrain one with `python train.py` (it writes `checkpoints/final/`), or point "
-                "`MODEL_DIR` at a checkpoint directory (config.json, model.safetensors and tokenizer files), or set "
-                "`MODEL_REPO` to a Hugging Face Hub repo id. Generation is disabled until then.")
-        if self.note:
-            text += f"\n\n{self.note}"
-        return text
+async def _wait_turn(engine: Engine, ticket):
+    """Yields the ticket's place in line while it waits; returns once a running slot is held."""
+    while (place := engine.admission.poll(ticket)) > 0:
+        yield place
+        await asyncio.sleep(WAIT_POLL_S)
 
-    # -- input validation ----------------------------------------------------------------------------------------
-    def prepare(self, prompt, temperature, top_k, max_new_tokens):
-        """Check and normalise the inputs. Returns (settings dict or None when nothing can run, notes)."""
-        notes = []
-        cfg = self.model.config
-        prompt = "" if prompt is None else str(prompt)
-        if not prompt.strip():
-            return None, ["⚠️ **Empty prompt**: type some text to continue (the model continues text; it does not "
-                          "answer questions)."]
-        temperature = _number(temperature, 0.8, "temperature", notes)
-        if temperature < 0:
-            notes.append(f"⚠️ Temperature {temperature:g} is negative: using 0 (greedy).")
-            temperature = 0.0
-        elif temperature > MAX_TEMPERATURE:
-            notes.append(f"⚠️ Temperature {temperature:g} is above {MAX_TEMPERATURE:g}: clamped to "
-                         f"{MAX_TEMPERATURE:g}.")
-            temperature = MAX_TEMPERATURE
-        top_k = int(round(_number(top_k, 0, "top-k", notes)))
-        if top_k < 0:
-            notes.append(f"⚠️ Top-k {top_k} is negative: treated as no top-k filter.")
-            top_k = 0
-        elif top_k == 0:
-            notes.append("ℹ️ Top-k 0: no top-k filter (sampling from the whole vocabulary).")
-        elif top_k >= cfg.vocab_size:
-            notes.append(f"⚠️ Top-k {top_k} is not below the vocabulary size ({cfg.vocab_size}): treated as no "
-                         "top-k filter.")
-            top_k = 0
-        if temperature == 0:
-            notes.append("ℹ️ Temperature 0: greedy decoding (always the most likely token; top-k has no effect).")
-        max_new = int(round(_number(max_new_tokens, 64, "max new tokens", notes)))
-        if max_new < 1:
-            notes.append(f"⚠️ Max new tokens {max_new} is below 1: using 1.")
-            max_new = 1
-        elif max_new > self.max_new_limit:
-            notes.append(f"⚠️ Max new tokens {max_new} is above this app's limit of {self.max_new_limit}: "
-                         f"clamped to {self.max_new_limit}.")
-            max_new = self.max_new_limit
-        if len(prompt) > MAX_PROMPT_CHARS:
-            prompt = prompt[-MAX_PROMPT_CHARS:]
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            return None, ["⚠️ **Empty prompt**: the prompt has no tokens."]
-        keep = cfg.max_position_embeddings - max_new
-        if len(ids) > keep:
-            notes.append(f"⚠️ **Long prompt truncated**: it has {len(ids)} tokens, but prompt + {max_new} new "
-                         f"tokens must fit the {cfg.max_position_embeddings}-token context, so only its last {keep} "
-                         "tokens were kept.")
-            ids = ids[-keep:]
-        return dict(ids=ids, temperature=temperature, top_k=top_k, max_new=max_new), notes
 
-    # -- streaming -----------------------------------------------------------------------------------------------
-    def stream(self, prompt, temperature, top_k, max_new_tokens, request: gr.Request = None):
-        """The `/generate` endpoint: yields (text, status markdown, token-view html, heatmap, routing json)."""
-        if not self.ok:
-            yield "", self.error_markdown(), empty_view("No model loaded."), None, None
+async def _next(iterator):
+    """One step of a (blocking, torch) iterator in a worker thread: the event loop keeps serving other visitors."""
+    return await anyio.to_thread.run_sync(next, iterator, None)
+
+
+def new_record(engine: Engine, prompt_ids: list[int]) -> dict:
+    cfg = engine.model.config
+    return {"prompt": engine.tokenizer.decode(prompt_ids, skip_special_tokens=True,
+                                              clean_up_tokenization_spaces=False),
+            "prompt_tokens": len(prompt_ids), "moe_layers": engine.moe_layers,
+            "n_routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+            "expert_load": [[0] * cfg.n_routed_experts for _ in engine.moe_layers], "tokens": []}
+
+
+def add_token(data: dict, token_id: int, piece: str, routing: list[dict]) -> None:
+    for pos, r in enumerate(routing):
+        for e in r["experts"]:
+            data["expert_load"][pos][e] += 1
+    data["tokens"].append({"index": len(data["tokens"]), "id": token_id, "text": piece, "routing": routing})
+
+
+def _snapshot(data: dict) -> dict:
+    """A copy for one streamed update: Gradio diffs consecutive outputs, so the mutable parts must not be shared."""
+    return {**data, "expert_load": [row[:] for row in data["expert_load"]], "tokens": list(data["tokens"])}
+
+
+def _settings_line(s: dict, prompt_tokens: int) -> str:
+    sampling = ("greedy (temperature 0)" if s["temperature"] == 0 else
+                f"temperature {s['temperature']:g}, " + (f"top-k {s['top_k']}" if s["top_k"] else "top-k off"))
+    return f"**Settings**: {sampling}; prompt {prompt_tokens} tokens; max {s['max_new']} new tokens."
+
+
+class Streams:
+    """The /generate and /chat streams: one stream per visitor at a time, admitted by engine.admission, each token's
+    routing captured; Stop ends a stream after its current token with a complete final update."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.layer_choice: dict[str, int] = {}  # session -> MoE layer shown in the token views
+
+    def _begin(self, session, kind) -> bool:
+        """Claim this session's one stream (False: it already has one running, e.g. two clicks in one tick)."""
+        if session is None:
+            return True
+        with LOCK:
+            if session in self.engine.running:
+                return False
+            self.engine.running[session] = kind
+            self.engine.stopping.discard(session)
+            return True
+
+    def _end(self, session) -> None:
+        if session is not None:
+            self.engine.running.pop(session, None)
+            self.engine.stopping.discard(session)
+
+    async def generate(self, prompt, temperature, top_k, max_new_tokens, request: gr.Request = None):
+        """`/generate`: yields (continuation, status, token view html, heatmap, routing json)."""
+        engine, session = self.engine, _session(request)
+        if not engine.ok:
+            yield "", error_markdown(engine), empty_view("No model loaded."), None, None
             return
-        settings, notes = self.prepare(prompt, temperature, top_k, max_new_tokens)
+        settings, notes = engine.prepare(prompt, temperature, top_k, max_new_tokens)
         if settings is None:
             yield "", "\n\n".join(notes), empty_view("Nothing generated yet."), None, None
             return
-        session = getattr(request, "session_hash", None)
-        self.stopping.discard(session)
-        cfg = self.model.config
-        ids, max_new = settings["ids"], settings["max_new"]
-        data = {"prompt": self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-                "prompt_tokens": len(ids), "moe_layers": self.moe_layers, "n_routed_experts": cfg.n_routed_experts,
-                "experts_per_token": cfg.num_experts_per_tok,
-                "expert_load": [[0] * cfg.n_routed_experts for _ in self.moe_layers], "tokens": []}
-        summary = _settings_line(settings, len(ids))
-        header = "\n\n".join(notes + [summary])
-        view = TokenView(self.moe_layers)
-        layer = self.layer_choice.get(session, self.moe_layers[0] if self.moe_layers else None)
-        yield ("", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data),
-               _snapshot(data))
-        text = TextAssembler(self.tokenizer)
-        t0 = time.perf_counter()
-        reason, error = "reached the max new tokens", None
-        gen = self.model.generate(ids, max_new_tokens=max_new, temperature=settings["temperature"],
-                                  top_k=settings["top_k"], return_routing=True)
+        if not self._begin(session, "generate"):
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()  # its stream is already running
+            return
         try:
-            for step in gen:
-                piece = text.add(step.token_id)
-                routing = []
-                for pos, (layer_idx, experts, weights) in enumerate(step.routing or []):
-                    pairs = sorted(zip(experts, weights), key=lambda p: -p[1])  # highest weight first
-                    routing.append({"layer": layer_idx, "experts": [int(e) for e, _ in pairs],
-                                    "weights": [round(float(w), 4) for _, w in pairs]})
-                    for e, _ in pairs:
-                        data["expert_load"][pos][e] += 1
-                data["tokens"].append({"index": len(data["tokens"]), "id": step.token_id, "text": piece,
-                                       "routing": routing})
+            ticket = engine.admission.join()
+            if ticket is None:
+                yield "", busy_message(engine), empty_view("Nothing generated: the Space is busy."), None, None
+                return
+            admitted, t_start = False, time.perf_counter()
+            try:
+                async for place in _wait_turn(engine, ticket):
+                    yield "", waiting_message(engine, place), empty_view("Waiting for a free slot…"), None, None
+                admitted, t_start = True, time.perf_counter()
+                engine.streams_started += 1
+                async for update in self._generate_admitted(settings, notes, session):
+                    yield update
+            finally:
+                if admitted:
+                    engine.admission.leave(time.perf_counter() - t_start)
+                else:
+                    engine.admission.cancel(ticket)
+        finally:
+            self._end(session)
+
+    async def _generate_admitted(self, settings, notes, session):
+        engine = self.engine
+        ids, max_new = settings["ids"], settings["max_new"]
+        data = new_record(engine, ids)
+        header = "\n\n".join(notes + [_settings_line(settings, len(ids))])
+        view = TokenView(engine.moe_layers)
+        layer = self.layer_choice.get(session, engine.moe_layers[0] if engine.moe_layers else None)
+        yield "", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data), _snapshot(data)
+        t0 = time.perf_counter()
+        reason, error, text = "reached the max new tokens", None, None
+        steps = engine.tokens(ids, settings)
+        try:
+            while (step := await _next(steps)) is not None:
+                token_id, piece, routing, text = step
+                add_token(data, token_id, piece, routing)
                 n = len(data["tokens"])
-                if session is not None and session in self.stopping:
+                if session is not None and session in engine.stopping:
                     reason = "stopped with the Stop button"
                     break
                 if n < max_new:
@@ -217,31 +202,120 @@ class Engine:
         except Exception as err:  # a failure mid-stream is reported with what was generated so far
             error = f"⚠️ **Generation failed**: {type(err).__name__}: {err}"
         finally:
-            gen.close()
-            self.stopping.discard(session)
+            _close(steps)
         n = len(data["tokens"])
         seconds = time.perf_counter() - t0
         label = "⏹ Stopped" if reason.startswith("stopped with") else "✓ Done"
         done = error or (f"{label}: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); {reason}."
                          if n else "✓ Done: the model ended the text at once (end-of-text token); nothing to show.")
         layer = self.layer_choice.get(session, layer)
-        data["text"] = text.final()
-        yield text.final(), f"{header}\n\n{done}", view.render(data, layer), load_heatmap(data), _snapshot(data)
+        data["text"] = text.final() if text else ""
+        yield data["text"], f"{header}\n\n{done}", view.render(data, layer), load_heatmap(data), _snapshot(data)
+
+    async def chat(self, message, history, temperature, top_k, max_new_tokens, request: gr.Request = None):
+        """`/chat`: yields (conversation, status, token view html of the reply, routing json of the reply)."""
+        engine, session = self.engine, _session(request)
+        history = normalise_history(history)
+        message = "" if message is None else str(message)
+        if not engine.ok:
+            yield history, error_markdown(engine), empty_view("No model loaded."), None
+            return
+        if not message.strip():
+            yield history, "⚠️ **Empty message**: type something to say.", gr.skip(), gr.skip()
+            return
+        settings, notes = engine.check_settings(temperature, top_k, max_new_tokens)
+        message = message[-MAX_PROMPT_CHARS:]
+        ids = engine.chat_prompt(history, message, settings["max_new"], notes)  # notes any invalid characters
+        message = clean_text(message)[0]
+        if ids is None:
+            yield history, "\n\n".join(notes), gr.skip(), gr.skip()
+            return
+        if not self._begin(session, "chat"):
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        conversation = history + [{"role": "user", "content": message}]
+        try:
+            ticket = engine.admission.join()
+            if ticket is None:
+                yield conversation, busy_message(engine), empty_view("Nothing generated: the Space is busy."), None
+                return
+            admitted, t_start = False, time.perf_counter()
+            try:
+                async for place in _wait_turn(engine, ticket):
+                    yield conversation, waiting_message(engine, place), gr.skip(), gr.skip()
+                admitted, t_start = True, time.perf_counter()
+                engine.streams_started += 1
+                async for update in self._chat_admitted(conversation, ids, settings, notes, session):
+                    yield update
+            finally:
+                if admitted:
+                    engine.admission.leave(time.perf_counter() - t_start)
+                else:
+                    engine.admission.cancel(ticket)
+        finally:
+            self._end(session)
+
+    async def _chat_admitted(self, conversation, ids, settings, notes, session):
+        engine = self.engine
+        data = new_record(engine, ids)
+        data["prompt"] = ""  # the token view shows the reply alone (the transcript is on the left)
+        header = "\n\n".join(notes + [_settings_line(settings, len(ids))])
+        view = TokenView(engine.moe_layers)
+        layer = self.layer_choice.get(session, engine.moe_layers[0] if engine.moe_layers else None)
+        reply = {"role": "assistant", "content": ""}
+        yield conversation + [reply], f"{header}\n\n⏳ Replying…", view.render(data, layer), _snapshot(data)
+        t0 = time.perf_counter()
+        reason, error, text = "reached the max new tokens", None, None
+        steps = engine.tokens(ids, settings)
+        try:
+            while (step := await _next(steps)) is not None:
+                token_id, piece, routing, text = step
+                add_token(data, token_id, piece, routing)
+                cut = text.text.find(STOP_TEXT)
+                if cut >= 0:  # the model started the visitor's next turn: the reply ends before it
+                    reason = f"stopped at the next “{STOP_TEXT.strip()}”"
+                    _keep_tokens_before(data, cut)
+                    break
+                if session is not None and session in engine.stopping:
+                    reason = "stopped with the Stop button"
+                    break
+                reply["content"] = shown_reply(text.text)
+                n = len(data["tokens"])
+                layer = self.layer_choice.get(session, layer)
+                yield (conversation + [dict(reply)], f"{header}\n\n⏳ Replying… {n} tokens",
+                       view.render(data, layer), _snapshot(data))
+            else:
+                if len(data["tokens"]) < settings["max_new"]:
+                    reason = "stopped at the end-of-text token"
+        except Exception as err:
+            error = f"⚠️ **Generation failed**: {type(err).__name__}: {err}"
+        finally:
+            _close(steps)
+        full = text.final() if text else ""
+        cut = full.find(STOP_TEXT)
+        reply["content"] = (full[:cut] if cut >= 0 else full).strip()
+        data["text"] = reply["content"]
+        n, seconds = len(data["tokens"]), time.perf_counter() - t0
+        if not reply["content"]:
+            reply["content"] = "…"  # an empty bubble would look like a bug: say nothing came
+        done = error or (f"✓ Done: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); {reason}.")
+        layer = self.layer_choice.get(session, layer)
+        view.spans = []  # tokens may have been dropped after the stop: redraw
+        yield conversation + [reply], f"{header}\n\n{done}", view.render(data, layer), _snapshot(data)
 
     def request_stop(self, request: gr.Request = None):
-        """The Stop button: this session's stream ends after its current token with a final update (heatmap, JSON
-        and status included), which cancelling the event would lose."""
-        session = getattr(request, "session_hash", None)
-        if session is not None:
-            self.stopping.add(session)
+        """Stop: this session's stream (waiting or running) ends after its current token with a final update."""
+        session = _session(request)
+        if session is not None and session in self.engine.running:
+            self.engine.stopping.add(session)
 
     def select_layer(self, layer, data, request: gr.Request = None):
-        """The layer dropdown: remember the choice for this session's stream and redraw the token view."""
-        session = getattr(request, "session_hash", None)
+        """A layer dropdown: remember the choice for this session's streams and redraw a token view."""
+        session = _session(request)
         try:
             layer = int(layer)
         except (TypeError, ValueError):
-            layer = self.moe_layers[0] if self.moe_layers else None
+            layer = self.engine.moe_layers[0] if self.engine.moe_layers else None
         if session is not None:
             self.layer_choice[session] = layer
         if not data or not data.get("moe_layers"):
@@ -249,64 +323,64 @@ class Engine:
         return TokenView(data["moe_layers"]).render(data, layer)
 
     def forget_session(self, request: gr.Request = None):
-        self.layer_choice.pop(getattr(request, "session_hash", None), None)
-        self.stopping.discard(getattr(request, "session_hash", None))
+        session = _session(request)
+        self.layer_choice.pop(session, None)
+        self.engine.stopping.discard(session)
 
 
-def _number(value, default, name, notes) -> float:
-    if value is None or value == "":
-        notes.append(f"⚠️ No {name} given: using {default}.")
-        return float(default)
+def _close(iterator) -> None:
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        notes.append(f"⚠️ {name.capitalize()} {value!r} is not a number: using {default}.")
-        return float(default)
-    if not math.isfinite(number):
-        notes.append(f"⚠️ {name.capitalize()} {value!r} is not a finite number: using {default}.")
-        return float(default)
-    return number
+        iterator.close()
+    except ValueError:  # still running a step in its worker thread (the visitor left): it ends after that step
+        pass
 
 
-def _settings_line(s: dict, prompt_tokens: int) -> str:
-    sampling = ("greedy (temperature 0)" if s["temperature"] == 0 else
-                f"temperature {s['temperature']:g}, " + (f"top-k {s['top_k']}" if s["top_k"] else "top-k off"))
-    return f"**Settings**: {sampling}; prompt {prompt_tokens} tokens; max {s['max_new']} new tokens."
+def _keep_tokens_before(data: dict, cut: int) -> None:
+    """Drop the tokens that start at or after character `cut` of the generated text (and their expert load)."""
+    start, kept = 0, []
+    for token in data["tokens"]:
+        if start >= cut:
+            break
+        kept.append(token)
+        start += len(token["text"])
+    for token in data["tokens"][len(kept):]:
+        for pos, r in enumerate(token["routing"]):
+            for e in r["experts"]:
+                data["expert_load"][pos][e] -= 1
+    data["tokens"] = kept
 
 
-def _snapshot(data: dict) -> dict:
-    """A copy for one streamed update: Gradio diffs consecutive outputs, so the mutable parts must not be shared."""
-    return {**data, "expert_load": [row[:] for row in data["expert_load"]], "tokens": list(data["tokens"])}
+def shown_reply(text: str) -> str:
+    """The reply as streamed: without a trailing partial "\\nUser:" that may be the start of the next turn."""
+    for k in range(len(STOP_TEXT) - 1, 0, -1):
+        if text.endswith(STOP_TEXT[:k]):
+            return text[: -k].strip()
+    return text.strip()
 
 
-class TextAssembler:
-    """Incremental decoding: the whole generated id list is decoded at every step (so a character split over
-    several byte tokens renders once complete) and each token is credited with the new text it completes.
-    Special tokens are skipped; trailing U+FFFD of an unfinished character is held back until the end."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        stable = self._decode().rstrip("\ufffd")
-        if stable.startswith(self.text):
-            piece = stable[len(self.text):]
-        else:  # the decoder rewrote earlier text (rare): credit this token with what differs from the common prefix
-            common = os.path.commonprefix([stable, self.text])
-            piece = stable[len(common):]
-        self.text = stable
-        return piece
-
-    def final(self) -> str:
-        return self._decode() if self.ids else ""
-
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+def normalise_history(history) -> list[dict]:
+    """A Chatbot value (from the page or an API client) -> [{"role", "content": str}], text messages only."""
+    out = []
+    for m in history or []:
+        if isinstance(m, (list, tuple)) and len(m) == 2:  # [user, assistant] pairs from older clients
+            out += [{"role": "user", "content": _content_text(m[0])},
+                    {"role": "assistant", "content": _content_text(m[1])}]
+        elif isinstance(m, dict) and m.get("role") in ("user", "assistant"):
+            out.append({"role": m["role"], "content": _content_text(m.get("content"))})
+    return [m for m in out if m["content"] is not None]
 
 
+def _content_text(content) -> str | None:
+    if content is None:
+        return None
+    if isinstance(content, str):
+        return clean_text(content)[0]
+    if isinstance(content, dict):
+        return _content_text(content.get("text", content.get("value")))
+    if isinstance(content, list):
+        parts = [_content_text(c) for c in content]
+        return " ".join(p for p in parts if p)
+    return clean_text(str(content))[0]
 # ----------------------------------------------------------------------------------------------------------------
 # Routing views
 
@@ -347,8 +421,8 @@ class TokenView:
             chips = "".join(f'<span style="background:{expert_color(e)};color:#111;border-radius:4px;padding:1px 6px;'
                             f'margin-right:4px">E{e}</span>' for e in range(len(data["expert_load"][pos])))
             legend = (f'<div style="margin-bottom:6px;font-size:0.85em;line-height:1.9">Layer {layer}: colour = '
-                      'top-weighted routed expert, underline = its weight; hover a token for every layer '
-                      f'(counts: heatmap below). {chips}</div>')
+                      'top-weighted routed expert, underline = its weight; hover a token for every layer. '
+                      f'{chips}</div>')
         # Append-only on purpose: while streaming each update only adds spans, so Gradio sends just the new ones
         # (it diffs string outputs by prefix). The HTML parser closes the two open divs at the end of the fragment.
         return (f'<div id="routing-tokens" data-layer="{layer}">{legend}'
@@ -385,12 +459,71 @@ def load_heatmap(data: dict):
     fig = go.Figure(go.Heatmap(
         z=z, x=experts, y=layers, colorscale="Blues", zmin=0, zmax=max(1, n), text=z, texttemplate="%{text}",
         hovertemplate="%{y}, expert %{x}: %{z} of " + str(n) + " tokens<extra></extra>",
-        colorbar=dict(title=dict(text="tokens"), thickness=12)))
-    fig.update_layout(title=dict(text=f"Expert load over {n} generated tokens (top-{data['experts_per_token']} "
-                                      "per token per layer)", font=dict(size=14)),
-                      height=140 + 28 * len(layers), margin=dict(l=70, r=20, t=40, b=30))
+        colorbar=dict(title=dict(text="tokens"), thickness=10)))
+    # a short two-line title, left-aligned: it fits a 390-px phone (the one-line title was cut there)
+    fig.update_layout(title=dict(text=f"Expert load: {n} tokens<br><sup>top-{data['experts_per_token']} experts "
+                                      "per token per layer</sup>", font=dict(size=14), x=0, xanchor="left",
+                                 xref="paper"),
+                      height=150 + 28 * len(layers), margin=dict(l=64, r=10, t=56, b=30), autosize=True)
     fig.update_yaxes(autorange="reversed")
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experts view: what each routed expert took over a fixed sample text (experts_report.py writes the JSON)
+
+
+def load_experts_report(engine: Engine) -> tuple[dict | None, str]:
+    """The checkpoint's experts.json when it was computed from these very weights, and a note for the page."""
+    path = os.path.join(engine.model_dir, EXPERTS_JSON)
+    report = _read_json(path)
+    if not engine.ok:
+        return None, "No model loaded."
+    if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
+        return None, (f"No expert report beside this checkpoint (`{EXPERTS_JSON}`). Make one with "
+                      "`python experts_report.py` (a few seconds).")
+    if report.get("weights_sha256") != engine.weights_hash:
+        return None, (f"⚠️ The expert report beside this checkpoint is **stale**: it was computed from other weights "
+                      f"(sha256 {str(report.get('weights_sha256'))[:12]}…, these are {engine.weights_hash[:12]}…), "
+                      "so it is not shown. Regenerate it with `python experts_report.py`.")
+    sample = report.get("sample", {})
+    return report, (f"Over a fixed sample of {sample.get('tokens', '?')} tokens ({sample.get('name', 'text')}), the "
+                    "tokens each routed expert took most often. **share** = that token's part of the expert's load; "
+                    "**of token** = how often that token went to this expert (out of all its occurrences). The bar "
+                    "under each expert is its load relative to an even split. Tokens shown are what the router "
+                    "picked, not what an expert 'means'.")
+
+
+def experts_table(report: dict | None, layer) -> str:
+    if not report:
+        return empty_view("No expert report to show.")
+    layers = {entry["layer"]: entry for entry in report["layers"]}
+    try:
+        entry = layers[int(layer)]
+    except (KeyError, TypeError, ValueError):
+        entry = report["layers"][0]
+    experts = entry["experts"]
+    total = sum(e["load"] for e in experts) or 1
+    even = total / max(1, len(experts))
+    cells = []
+    for e in experts:
+        rows = "".join(
+            f'<tr><td class="tokcell"><code>{html.escape(repr(t["token"])[1:-1] or "·")}</code></td>'
+            f'<td style="text-align:right">{100 * t["share"]:.0f}%</td>'
+            f'<td style="text-align:right;color:#666">{100 * t["of_token"]:.0f}%</td></tr>'
+            for t in e["top"])
+        rel = e["load"] / even
+        cells.append(
+            f'<div class="expert-card" data-expert="{e["expert"]}" style="border:1px solid #ddd;border-radius:6px;'
+            f'padding:6px;min-width:150px;flex:1 1 150px">'
+            f'<div style="background:{expert_color(e["expert"])};color:#111;border-radius:4px;padding:2px 6px;'
+            f'font-weight:600">E{e["expert"]} · {e["load"]} tokens</div>'
+            f'<div title="load vs an even split" style="height:5px;background:#eee;margin:4px 0">'
+            f'<div style="height:5px;width:{min(100, 50 * rel):.0f}%;background:#555"></div></div>'
+            f'<table style="width:100%;font-size:0.85em;border-collapse:collapse"><tr><th style="text-align:left">'
+            f'token</th><th>share</th><th>of token</th></tr>{rows}</table></div>')
+    return (f'<div id="experts-grid" data-layer="{entry["layer"]}" style="display:flex;flex-wrap:wrap;gap:8px">'
+            + "".join(cells) + "</div>")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,8 +575,6 @@ def _tokens(n) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.1f} M"
     return f"{int(n):,}"
-
-
 def about_markdown(engine: Engine) -> str:
     parts = []
     tokens_seen = None
@@ -519,93 +650,205 @@ def about_markdown(engine: Engine) -> str:
         "an expert 'means'.")
     if engine.note:
         parts.append(f"\n*{engine.note}*")
-    parts.append(f"\n<small>Checkpoint: `{os.path.abspath(engine.model_dir)}`</small>")
+    if engine.ok:
+        probe = engine.dtype_probe or {}
+        measured = f" (start-up probe, {probe_summary(probe)})" if probe else ""
+        parts.append(f"\n### Serving\n- Weights in **{engine.dtype_name}** on this CPU{measured}.\n"
+                     f"- {engine.admission.workers} generations run at once; up to {engine.admission.max_waiting} "
+                     "more wait in line (told their place); beyond that a visitor is asked to try again.")
+    parts.append(f"\n<small>Checkpoint: `{display_path(engine.model_dir)}`</small>")
     return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def error_markdown(engine: Engine) -> str:
+    text = (f"### ⚠️ No model loaded\n\nThe checkpoint in `{display_path(engine.model_dir)}` could not be loaded:\n\n"
+            f"> {engine.error}\n\nTrain one with `python train.py` (it writes `checkpoints/final/`), or point "
+            "`MODEL_DIR` at a checkpoint directory (config.json, model.safetensors and tokenizer files), or set "
+            "`MODEL_REPO` to a Hugging Face Hub repo id. Generation is disabled until then.")
+    if engine.note:
+        text += f"\n\n{engine.note}"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The page
+
+CSS = """
+#about-text table { display: block; overflow-x: auto; }
+#about-text td, #about-text th { word-break: normal; overflow-wrap: normal; hyphens: none; min-width: 7em; }
+#experts-grid code { white-space: pre; }
+"""
+# Pressing Generate on a phone: the columns stack, so bring the output box into view as the stream starts
+SCROLL_TO_OUTPUT = """() => {
+  const out = document.querySelector('#output');
+  if (!out) return;
+  const r = out.getBoundingClientRect();
+  if (r.top < 0 || r.bottom > window.innerHeight) out.scrollIntoView({block: 'start', behavior: 'instant'});
+}"""
+CHAT_LIMITS = (
+    "**What to expect**: this is a small *base* model trained on textbooks, not a chat assistant. The conversation "
+    "is rendered as a plain-text transcript (`User: …` / `Assistant: …`) that it continues; its reply ends where it "
+    "starts the next `User:` line. It does not follow instructions, keeps no memory beyond the context (oldest turns "
+    "are dropped first), and makes facts up. Expect textbook-flavoured sentences loosely related to what you wrote.")
 
 
 def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr.Blocks:
     """The whole page for a checkpoint directory (None: MODEL_REPO / MODEL_DIR / checkpoints/final), queued but not
     launched. A missing or corrupt checkpoint gives a page that says so, with generation disabled."""
     if engine is None:
-        engine = Engine(*resolve_model_dir(model_dir))
+        engine = Engine(*resolve_model_dir(model_dir), workers=QUEUE_WORKERS, max_waiting=QUEUE_MAX_WAITING)
+    streams = Streams(engine)
+    report, report_note = load_experts_report(engine)
+    first_layer = engine.moe_layers[0] if engine.moe_layers else None
+    layer_choices = [(f"layer {i}", i) for i in engine.moe_layers]
     with gr.Blocks(title="SmolLM2-DeepSeek: MLA + MoE explorer") as demo:
-        demo.engine = engine
+        demo.engine, demo.streams, demo.experts_report = engine, streams, report
         gr.Markdown("# SmolLM2-DeepSeek\nA tiny language model with DeepSeek-V3's Multi-head Latent Attention and "
-                    "Mixture-of-Experts. Type the start of a text; watch which experts every token is routed to.",
+                    "Mixture-of-Experts: complete a text or chat, and see which experts every token is routed to.",
                     elem_id="title")
         if not engine.ok:
-            gr.Markdown(engine.error_markdown(), elem_id="load-error")
+            gr.Markdown(error_markdown(engine), elem_id="load-error")
         elif engine.note:
             gr.Markdown(f"*{engine.note}*", elem_id="load-note")
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Photosynthesis is the process by which",
-                                    elem_id="prompt", autofocus=True)
-                with gr.Row():
-                    generate = gr.Button("Generate", variant="primary", elem_id="generate", interactive=engine.ok)
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    clear = gr.Button("Clear", elem_id="clear")
+        with gr.Accordion("Sampling settings (both tabs)", open=True, elem_id="settings"):
+            with gr.Row():
                 temperature = gr.Slider(0, MAX_TEMPERATURE, value=0.8, step=0.05, label="Temperature",
                                         info="0 = greedy (deterministic)", elem_id="temperature")
                 top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0 = off", elem_id="top-k")
                 max_new = gr.Slider(1, engine.max_new_limit, value=min(96, engine.max_new_limit), step=1,
                                     label="Max new tokens", elem_id="max-new-tokens")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Complete", id="complete", elem_id="tab-complete"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=300):
+                        prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt", autofocus=True,
+                                            placeholder="Photosynthesis is the process by which")
+                        with gr.Row():
+                            generate = gr.Button("Generate", variant="primary", elem_id="generate",
+                                                 interactive=engine.ok, min_width=80)
+                            stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=60)
+                            clear = gr.Button("Clear", elem_id="clear", min_width=60)
+                    with gr.Column(scale=1, min_width=300):
+                        output = gr.Textbox(label="Continuation", lines=8, interactive=False, autoscroll=True,
+                                            elem_id="output")
+                        status = gr.Markdown("Ready." if engine.ok else "Generation is disabled: no model loaded.",
+                                             label="Status", elem_id="status")
                 gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts",
                             cache_examples=False)
-            with gr.Column(scale=1):
-                output = gr.Textbox(label="Continuation", lines=9, interactive=False, autoscroll=True,
-                                    elem_id="output")
-                status = gr.Markdown("Ready." if engine.ok else "Generation is disabled: no model loaded.",
-                                     elem_id="status")
-        gr.Markdown("## Expert routing")
-        layer = gr.Dropdown(choices=[(f"layer {i}", i) for i in engine.moe_layers],
-                            value=engine.moe_layers[0] if engine.moe_layers else None, label="MoE layer to colour by",
-                            elem_id="layer", interactive=bool(engine.moe_layers))
-        view = gr.HTML(empty_view("Generate some text to see its routing."), elem_id="routing-view")
-        heatmap = gr.Plot(label="Expert load (layers × experts)", elem_id="heatmap")
-        with gr.Accordion("Routing data (JSON, also returned by the /generate API)", open=False):
-            routing = gr.JSON(label="Per-token routing", elem_id="routing-json", open=False)
-        with gr.Accordion("About this model", open=False, elem_id="about"):
-            gr.Markdown(about_markdown(engine), elem_id="about-text")
-            plot_path = _find(engine.model_dir, "training_plot.png")
-            gr.Image(value=plot_path, label="Training curves", visible=plot_path is not None, interactive=False,
-                     height=480, elem_id="training-plot")
+                gr.Markdown("## Expert routing")
+                layer = gr.Dropdown(choices=layer_choices, value=first_layer, label="MoE layer to colour by",
+                                    elem_id="layer", interactive=bool(engine.moe_layers))
+                view = gr.HTML(empty_view("Generate some text to see its routing."), label="Token routing (HTML)",
+                               elem_id="routing-view")
+                heatmap = gr.Plot(label="Expert load (layers × experts)", elem_id="heatmap")
+                with gr.Accordion("Routing data (JSON, also returned by the /generate API)", open=False):
+                    routing = gr.JSON(label="Per-token routing", elem_id="routing-json", open=False)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                gr.Markdown(CHAT_LIMITS, elem_id="chat-limits")
+                with gr.Row():
+                    with gr.Column(scale=3, min_width=300):
+                        chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=380,
+                                             placeholder="Say something; the model continues the transcript.")
+                        chat_in = gr.Textbox(label="Message", lines=1, elem_id="chat-input",
+                                             placeholder="Tell me about photosynthesis.")
+                        with gr.Row():
+                            send = gr.Button("Send", variant="primary", elem_id="chat-send", interactive=engine.ok,
+                                             min_width=80)
+                            chat_stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", min_width=60)
+                            chat_clear = gr.Button("New chat", elem_id="chat-clear", min_width=60)
+                        chat_status = gr.Markdown("", label="Chat status", elem_id="chat-status")
+                    with gr.Column(scale=2, min_width=260):
+                        chat_layer = gr.Dropdown(choices=layer_choices, value=first_layer, elem_id="chat-layer",
+                                                 label="Routing of the last reply: MoE layer",
+                                                 interactive=bool(engine.moe_layers))
+                        chat_view = gr.HTML(empty_view("The last reply's routing shows here."),
+                                            label="Reply routing (HTML)", elem_id="chat-routing-view")
+                        with gr.Accordion("Reply routing data (JSON)", open=False):
+                            chat_routing = gr.JSON(label="Reply routing", elem_id="chat-routing-json", open=False)
+            with gr.Tab("Experts", id="experts", elem_id="tab-experts"):
+                gr.Markdown(report_note, elem_id="experts-note")
+                experts_layer = gr.Dropdown(choices=layer_choices, value=first_layer, label="MoE layer",
+                                            elem_id="experts-layer", interactive=report is not None)
+                experts_view = gr.HTML(experts_table(report, first_layer), label="Experts (HTML)",
+                                       elem_id="experts-view")
+            with gr.Tab("About", id="about", elem_id="tab-about"):
+                gr.Markdown(about_markdown(engine), elem_id="about-text")
+                plot_path = _find(engine.model_dir, "training_plot.png")
+                # a PIL image, not the path: a path would put the server's own layout into the page config
+                gr.Image(value=_open_image(plot_path), label="Training curves", visible=plot_path is not None,
+                         interactive=False, height=480, format="png", elem_id="training-plot")
 
-        event = gr.on([generate.click, prompt.submit], engine.stream, inputs=[prompt, temperature, top_k, max_new],
+        # preprocess=False: the raw values reach Engine.check_settings, which clamps out-of-range numbers and says
+        # so (gr.Slider's own preprocess would reject an API call's top-k above 200 or max tokens above the limit)
+        event = gr.on([generate.click, prompt.submit], streams.generate, inputs=[prompt, temperature, top_k, max_new],
                       outputs=[output, status, view, heatmap, routing], api_name="generate",
-                      show_progress="minimal", preprocess=False)
-        # preprocess=False: the raw values reach Engine.prepare, which clamps out-of-range numbers and says so
-        # (gr.Slider's own preprocess would reject an API call's top-k above 200 or max tokens above the limit)
-        stop.click(engine.request_stop, queue=False, api_visibility="private")
+                      show_progress="minimal", preprocess=False, concurrency_limit=None, trigger_mode="once")
+        generate.click(None, js=SCROLL_TO_OUTPUT)
+        stop.click(streams.request_stop, queue=False, api_visibility="private")
         clear.click(lambda: ("", "", "Ready." if engine.ok else "Generation is disabled: no model loaded.",
                              empty_view("Generate some text to see its routing."), None, None),
                     outputs=[prompt, output, status, view, heatmap, routing], cancels=[event],
                     api_visibility="private")
-        layer.change(engine.select_layer, inputs=[layer, routing], outputs=[view], api_visibility="private")
-        demo.unload(engine.forget_session)
-    demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+        layer.change(streams.select_layer, inputs=[layer, routing], outputs=[view], api_visibility="private")
+
+        chat_event = gr.on([send.click, chat_in.submit], streams.chat,
+                           inputs=[chat_in, chatbot, temperature, top_k, max_new],
+                           outputs=[chatbot, chat_status, chat_view, chat_routing], api_name="chat",
+                           show_progress="minimal", preprocess=False, concurrency_limit=None, trigger_mode="once")
+        # registered after the chat event, so the message is read before the box is emptied (in the browser alone)
+        gr.on([send.click, chat_in.submit], None, outputs=[chat_in], js="() => ''", api_visibility="private")
+        chat_stop.click(streams.request_stop, queue=False, api_visibility="private")
+        chat_clear.click(lambda: ([], "", empty_view("The last reply's routing shows here."), None),
+                         outputs=[chatbot, chat_status, chat_view, chat_routing], cancels=[chat_event],
+                         api_visibility="private")
+        chat_layer.change(streams.select_layer, inputs=[chat_layer, chat_routing], outputs=[chat_view],
+                          api_visibility="private")
+        experts_layer.change(lambda value: experts_table(report, value), inputs=[experts_layer],
+                             outputs=[experts_view], api_visibility="private")
+        demo.unload(streams.forget_session)
+    # Admission (Engine.admission) bounds the work and tells visitors their place; Gradio's own queue is only a
+    # backstop above it (its "Queue is full" reaches API clients as a bare exception).
+    demo.queue(default_concurrency_limit=QUEUE_WORKERS, max_size=4 * (QUEUE_WORKERS + QUEUE_MAX_WAITING))
     return demo
+
+
+def _open_image(path: str | None):
+    if path is None:
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.copy()
+    except OSError:
+        return None
 
 
 def launch(demo: gr.Blocks, **kwargs):
     """Serve the page; kwargs go to gr.Blocks.launch (tests pass server_name/server_port/prevent_thread_lock)."""
-    options = dict(theme=gr.themes.Soft(), show_error=True)
+    options = dict(theme=gr.themes.Soft(), css=CSS, show_error=True)
     options.update(kwargs)
     return demo.launch(**options)
 
 
+def default_host() -> str:
+    """GRADIO_SERVER_NAME when set; 0.0.0.0 on a Hugging Face Space (SPACE_ID set), where the proxy must reach the
+    app; else loopback: a local run is not exposed to the network unless asked."""
+    if os.environ.get("GRADIO_SERVER_NAME"):
+        return os.environ["GRADIO_SERVER_NAME"]
+    return "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
+
+
 def main():
-    host = os.environ.get("GRADIO_SERVER_NAME") or "0.0.0.0"
     port_text = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or "7860"
     try:
         port = int(port_text)
     except ValueError:
         raise SystemExit(f"GRADIO_SERVER_PORT / PORT must be a port number, got {port_text!r}") from None
-    launch(build_demo(), server_name=host, server_port=port)
+    launch(build_demo(), server_name=default_host(), server_port=port)
 
 
 if __name__ == "__main__":

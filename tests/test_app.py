@@ -2,9 +2,12 @@
 
 Needs ../shared/tokenizer (the SmolLM2 tokenizer); no network, never the Hugging Face Hub.
 """
+import asyncio
+import json
 import os
 import re
 import threading
+import time
 
 import pytest
 
@@ -19,6 +22,7 @@ if not HAVE_TOKENIZER:
     pytest.skip(f"the SmolLM2 tokenizer is missing at {os.path.abspath(TOKENIZER_DIR)}", allow_module_level=True)
 
 import app  # noqa: E402
+import generate  # noqa: E402
 
 CONTEXT = TINY["max_position_embeddings"]
 LIMIT = CONTEXT // 2  # the app's max new tokens for this context
@@ -85,13 +89,21 @@ def check_routing(data, tokenizer):
 # The /generate endpoint
 
 
-def test_generate_endpoint_signature(client):
+def test_endpoints_are_named_and_labelled(client):
+    """Both endpoints are public with named parameters; every output has a distinct label (no `value_17`)."""
     info = client.view_api(return_format="dict", print_info=False)
-    endpoint = info["named_endpoints"]["/generate"]
-    assert [p["parameter_name"] for p in endpoint["parameters"]] == ["prompt", "temperature", "top_k",
+    assert set(info["named_endpoints"]) == {"/generate", "/chat"}  # the helper events stay private
+    generate = info["named_endpoints"]["/generate"]
+    assert [p["parameter_name"] for p in generate["parameters"]] == ["prompt", "temperature", "top_k",
                                                                      "max_new_tokens"]
-    assert len(endpoint["returns"]) == 5  # text, status, token view, heatmap, routing json
-    assert set(info["named_endpoints"]) == {"/generate"}  # the helper events stay private
+    chat = info["named_endpoints"]["/chat"]
+    assert [p["parameter_name"] for p in chat["parameters"]] == ["message", "history", "temperature", "top_k",
+                                                                 "max_new_tokens"]
+    for endpoint, n in [(generate, 5), (chat, 4)]:
+        labels = [r["label"] for r in endpoint["returns"]]
+        assert len(labels) == n and len(set(labels)) == n, labels
+        assert all(label and not re.fullmatch(r"value_\d+", label) for label in labels), labels
+    assert [r["label"] for r in generate["returns"]][:2] == ["Continuation", "Status"]
 
 
 def test_streams_text_and_routing(client, tokenizer):
@@ -234,15 +246,15 @@ def test_page_components_and_about(server):
 
 
 def test_layer_selection_recolours(server):
-    engine = server[0].engine
+    streams = server[0].streams
     data = call(gradio_client.Client(server[1], verbose=False), "Energy is", 0, 0, 5)[-1][4]
     for layer in MOE_LAYERS:
-        view = engine.select_layer(layer, data)
+        view = streams.select_layer(layer, data)
         assert f'data-layer="{layer}"' in view
         pos = MOE_LAYERS.index(layer)
         tops = [t["routing"][pos]["experts"][0] for t in data["tokens"]]
         assert [int(x) for x in re.findall(r'data-expert="(\d+)"', view)] == tops
-    assert "Generate some text" in engine.select_layer(MOE_LAYERS[0], None)
+    assert "Generate some text" in streams.select_layer(MOE_LAYERS[0], None)
 
 
 def test_incremental_decoding_hides_special_tokens_and_partial_characters(tokenizer):
@@ -250,7 +262,7 @@ def test_incremental_decoding_hides_special_tokens_and_partial_characters(tokeni
     assert special not in (None, tokenizer.unk_token_id)
     ids = (tokenizer("Größe: 🙂 日本語", add_special_tokens=False)["input_ids"] + [special]
            + tokenizer(" naïve café", add_special_tokens=False)["input_ids"] + [0])
-    assembler = app.TextAssembler(tokenizer)
+    assembler = generate.TextAssembler(tokenizer)
     pieces, texts = [], []
     for i in ids:
         pieces.append(assembler.add(i))
@@ -288,7 +300,7 @@ def test_broken_checkpoint_gives_an_error_page(tmp_path, checkpoint, breakage, m
         panel = component(demo, "load-error")["value"]
         assert "No model loaded" in panel and message in panel and "Traceback" not in panel
         assert component(demo, "generate")["interactive"] is False
-        outputs = list(demo.engine.stream("Hello", 0.8, 50, 8))
+        outputs = collect(demo.streams.generate("Hello", 0.8, 50, 8))
         assert len(outputs) == 1 and "No model loaded" in outputs[0][1] and outputs[0][0] == ""
         assert "Honest limits" in component(demo, "about-text")["value"]
     finally:
@@ -318,45 +330,296 @@ def test_model_repo_download_and_offline_fallback(monkeypatch, tmp_path):
     assert path == str(tmp_path / "snap") and "someone/smollm2-deepseek" in note
 
 
+class Request:
+    def __init__(self, session_hash):
+        self.session_hash = session_hash
+
+
+def collect(stream, on_update=None) -> list:
+    """All updates of one of the page's async streams, run outside Gradio; on_update(updates) after each."""
+    async def run():
+        updates = []
+        async for update in stream:
+            updates.append(update)
+            if on_update:
+                on_update(updates)
+        return updates
+    return asyncio.run(run())
+
+
 def test_stop_ends_the_stream_with_a_final_update(server):
     """Stop (per session) ends the stream after the current token with a complete last update."""
-    engine = server[0].engine
+    streams = server[0].streams
+    mine, other = Request("stop-test"), Request("another-session")
 
-    class Request:
-        session_hash = "stop-test"
+    def press(updates):
+        n = len(updates[-1][4]["tokens"]) if isinstance(updates[-1][4], dict) else 0
+        if n == 3:
+            streams.request_stop(other)  # someone else's Stop does not end this stream
+        if n == 5:
+            streams.request_stop(mine)
 
-    other = Request()
-    other.session_hash = "another-session"
-    updates = []
-    for update in engine.stream("The law of demand", 0.8, 50, LIMIT, Request()):
-        updates.append(update)
-        if len(updates[-1][4]["tokens"]) == 3:
-            engine.request_stop(other)  # someone else's Stop does not end this stream
-        if len(updates[-1][4]["tokens"]) == 5:
-            engine.request_stop(Request())
+    updates = collect(streams.generate("The law of demand", 0.8, 50, LIMIT, mine), press)
     text, status, view, plot, data = updates[-1]
     assert "stopped with the Stop button" in status and len(data["tokens"]) == 6 < LIMIT
     assert text == data["text"] and plot is not None and view.count('class="tok"') == 6
-    assert "stop-test" not in engine.stopping
-    engine.forget_session(other)
-    assert "another-session" not in engine.stopping
+    assert "stop-test" not in streams.engine.stopping and "stop-test" not in streams.engine.running
+    assert "another-session" not in streams.engine.stopping
 
 
-def test_main_reads_host_and_port(monkeypatch):
+def test_main_listens_on_loopback_unless_asked(monkeypatch):
+    """`python app.py` serves 127.0.0.1 (as the README says to open); a Space (SPACE_ID set) or GRADIO_SERVER_NAME
+    chooses another host."""
     seen = {}
     monkeypatch.setattr(app, "build_demo", lambda: "demo")
     monkeypatch.setattr(app, "launch", lambda demo, **kw: seen.update(kw, demo=demo))
-    for key in ["GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT"]:
+    for key in ["GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "SPACE_ID"]:
         monkeypatch.delenv(key, raising=False)
     app.main()
-    assert seen == {"demo": "demo", "server_name": "0.0.0.0", "server_port": 7860}
+    assert seen == {"demo": "demo", "server_name": "127.0.0.1", "server_port": 7860}
+    monkeypatch.setenv("SPACE_ID", "someone/smollm2-deepseek")
+    app.main()
+    assert seen["server_name"] == "0.0.0.0"
     monkeypatch.setenv("PORT", "8080")
     app.main()
     assert seen["server_port"] == 8080
-    monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "192.0.2.7")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "9000")
     app.main()
-    assert (seen["server_name"], seen["server_port"]) == ("127.0.0.1", 9000)
+    assert (seen["server_name"], seen["server_port"]) == ("192.0.2.7", 9000)
     monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
     with pytest.raises(SystemExit, match="port number"):
         app.main()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile input, many visitors, chat, experts, loading
+
+
+def raw_call(url, endpoint, data) -> list:
+    """One call through the raw HTTP API (json.dumps escapes what httpx would refuse to encode, as a browser's
+    JSON.stringify does): the decoded `data` of every streamed event."""
+    import httpx
+
+    r = httpx.post(f"{url}gradio_api/call/{endpoint}", content=json.dumps({"data": data}),
+                   headers={"content-type": "application/json"}, timeout=30)
+    r.raise_for_status()
+    body = httpx.get(f"{url}gradio_api/call/{endpoint}/{r.json()['event_id']}", timeout=120).text
+    events = [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    assert "event: error" not in body, body[-500:]
+    return [e for e in events if isinstance(e, list)]
+
+
+def test_lone_surrogate_is_replaced_not_a_tokenizer_error(server):
+    """A lone surrogate (what a browser can send) used to answer with the tokenizer's `TextEncodeInput must be
+    Union[...]`: it becomes U+FFFD with a note, and the text is generated."""
+    url = server[1]
+    text, status, _, _, data = raw_call(url, "generate", ["Cells \ud800 divide", 0, 0, 4])[-1]
+    assert "TextEncodeInput" not in status and "invalid character" in status and "Done" in status, status
+    assert data["prompt"] == "Cells \ufffd divide" and len(data["tokens"]) > 0
+    history, status, _, _ = raw_call(url, "chat", ["hi \udfff", [], 0, 0, 4])[-1]
+    assert "TextEncodeInput" not in status and "invalid character" in status and "Done" in status, status
+
+
+def test_huge_numbers_are_reported_short(client):
+    """max_new_tokens=1e308 used to print a 309-digit number in the note."""
+    status = call(client, "Cells divide", 0.8, 1e308, 1e308)[-1][1]
+    assert f"Max new tokens 1e+308 is above this app's limit of {LIMIT}" in status, status
+    assert "Top-k 1e+308 is not below the vocabulary size" in status
+    assert not re.search(r"\d{16}", status), status
+
+
+def test_no_server_paths_in_the_page(server, checkpoint):
+    """Neither the About text nor the page config (nor the page) shows the server's absolute checkpoint path."""
+    import httpx
+
+    demo, url = server
+    secret = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))  # .../app0: where the server keeps it
+    for path in ["", "config", "gradio_api/info"]:
+        body = httpx.get(url + path, timeout=30).text
+        assert secret not in body, path
+    assert secret not in json.dumps(demo.config)
+    about = component(demo, "about-text")["value"]
+    assert "Checkpoint: `checkpoints/final`" in about
+
+
+def test_two_calls_from_one_session_start_one_stream(server):
+    """Two Generate clicks in the same tick started two streams: a session runs one stream at a time."""
+    engine = server[0].engine
+    c = gradio_client.Client(server[1], verbose=False)  # one client = one session
+    before = engine.streams_started
+    first = c.submit("Two clicks", 0, 0, 12, api_name="/generate")
+    second = c.submit("Two clicks", 0, 0, 12, api_name="/generate")
+    first.result(timeout=120), second.result(timeout=120)
+    assert engine.streams_started - before == 1
+    statuses = [o[1] for job in (first, second) for o in job.outputs() if o and isinstance(o[1], str)]
+    assert sum("Done" in s for s in statuses) == 1, statuses
+
+
+def test_busy_and_waiting_visitors_are_told(server, monkeypatch):
+    """One running slot and one place in line: the second caller is told its place, the third that the Space is
+    busy (instead of gradio_client's bare `QueueError: Queue is full!`); both still end cleanly."""
+    demo, url = server
+    engine = demo.engine
+    saved, tokens = engine.admission, engine.tokens
+    engine.admission = generate.Admission(workers=1, max_waiting=1)
+
+    def slow_tokens(ids, settings):  # the tiny model is too quick to queue behind
+        for step in tokens(ids, settings):
+            time.sleep(0.03)
+            yield step
+
+    monkeypatch.setattr(engine, "tokens", slow_tokens)
+    try:
+        clients = [gradio_client.Client(url, verbose=False) for _ in range(3)]
+        jobs = [clients[0].submit("Slot one", 0, 0, LIMIT, api_name="/generate")]
+        deadline = time.time() + 60
+        while engine.admission.active == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        jobs.append(clients[1].submit("Slot two", 0, 0, 4, api_name="/generate"))
+        while engine.admission.waiting == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        busy = clients[2].submit("Slot three", 0, 0, 4, api_name="/generate").result(timeout=60)
+        for job in jobs:
+            job.result(timeout=120)
+        assert "The Space is busy" in busy[1] and "try again" in busy[1] and busy[0] == ""
+        waited = [o[1] for o in jobs[1].outputs()]
+        assert any("In line**: number 1" in s for s in waited), waited
+        assert "Done" in waited[-1]
+        assert engine.admission.turned_away == 1 and engine.admission.active == 0 and engine.admission.waiting == 0
+    finally:
+        engine.admission = saved
+
+
+def test_chat_endpoint_streams_a_reply_with_routing(client, tokenizer):
+    job = client.submit("What do plants need to grow?", [], 0.8, 50, 20, api_name="/chat")
+    job.result(timeout=120)
+    outputs = job.outputs()
+    history, status, view, data = outputs[-1]
+    assert "Done" in status
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[0]["content"][0]["text"] == "What do plants need to grow?"
+    reply = history[1]["content"][0]["text"]
+    assert "User:" not in reply and reply.strip() == reply and reply
+    assert data["text"] in (reply, "") and view.count('class="tok"') == len(data["tokens"])
+    check_routing({**data, "text": tokenizer.decode([t["id"] for t in data["tokens"]], skip_special_tokens=True)},
+                  tokenizer)
+    assert len({len(o[3]["tokens"]) for o in outputs if isinstance(o[3], dict)}) >= 3  # it streamed
+    # the next turn carries the conversation: the prompt holds both turns as a transcript
+    history2, status2, _, data2 = client.predict("And why?", history, 0, 0, 4, api_name="/chat")
+    assert [m["role"] for m in history2] == ["user", "assistant", "user", "assistant"] and "Done" in status2
+    assert data2["prompt_tokens"] > data["prompt_tokens"]
+
+
+def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(server, tokenizer):
+    engine = server[0].engine
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} " + "word " * 8},
+                    {"role": "assistant", "content": f"answer {i}"}]
+    notes = []
+    ids = engine.chat_prompt(history[:2], "last one", 8, notes)
+    text = tokenizer.decode(ids)
+    assert text == (generate.CHAT_PREAMBLE + "\n\nUser: question 0 " + "word " * 7 + "word\nAssistant: answer 0"
+                    "\nUser: last one\nAssistant:")
+    assert not notes
+    ids = engine.chat_prompt(history, "last one", 8, notes)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= CONTEXT - 8 and text.endswith("\nUser: last one\nAssistant:")
+    assert "question 5" in text and "question 0" not in text  # the oldest turns went first
+    assert any("oldest exchange" in n for n in notes)
+    kept = [i for i in range(6) if f"question {i}" in text]
+    assert kept == list(range(kept[0], 6))  # a contiguous run of the newest turns
+
+
+def test_chat_reply_stops_at_the_next_user_turn(server, monkeypatch):
+    """The reply ends where the model starts the visitor's next turn; its routing keeps only the reply's tokens."""
+    streams = server[0].streams
+    engine = streams.engine
+    pieces = ["Plants", " need", " light", ".", "\n", "User", ":", " more"]
+
+    def fake_tokens(ids, settings):
+        assembler = generate.TextAssembler(engine.tokenizer)
+        for piece in pieces:
+            token_id = engine.tokenizer(piece, add_special_tokens=False)["input_ids"][0]
+            assembler.ids.append(token_id)
+            assembler.text += piece
+            yield token_id, piece, [{"layer": layer, "experts": [0, 1], "weights": [0.6, 0.4]}
+                                    for layer in MOE_LAYERS], assembler
+        assembler.final = lambda: "".join(pieces)
+
+    monkeypatch.setattr(engine, "tokens", fake_tokens)
+    updates = collect(streams.chat("Hi", [], 0.8, 50, 16, Request("chat-stop")))
+    history, status, view, data = updates[-1]
+    assert history[-1] == {"role": "assistant", "content": "Plants need light."}
+    assert "stopped at the next “User:”" in status
+    assert [t["text"] for t in data["tokens"]] == ["Plants", " need", " light", "."]
+    assert data["expert_load"][0][:2] == [4, 4]
+    assert all("User" not in u[0][-1]["content"] for u in updates if u[0] and u[0][-1]["role"] == "assistant")
+    assert app.shown_reply("Yes.\nUse") == "Yes." and app.shown_reply("Yes.\n") == "Yes."
+
+
+def test_dtype_follows_the_probe(monkeypatch, checkpoint):
+    """bf16 weights only where the start-up probe measured bf16 faster; the About tab says which and why."""
+    for fast, slow, expected in [(torch.bfloat16, torch.float32, torch.bfloat16),
+                                 (torch.float32, torch.bfloat16, torch.float32)]:
+        monkeypatch.setattr(generate, "gemm_seconds",
+                            lambda dtype, rows, hidden, cols, f=fast: 1e-4 * rows if dtype == f else 1e-2 * rows)
+        engine = generate.Engine(checkpoint)
+        assert engine.dtype_probe["dtype"] == expected and engine.model.lm_head.weight.dtype == expected
+        assert engine.model.moe_layers[0].gate.e_score_correction_bias.dtype == torch.float32
+        about = app.about_markdown(engine)
+        assert f"Weights in **{str(expected).replace('torch.', '')}**" in about and "start-up probe" in about
+        ids = engine.tokenizer("Cells", add_special_tokens=False)["input_ids"]
+        assert len(list(engine.tokens(ids, dict(max_new=3, temperature=0.8, top_k=50)))) <= 3
+    # a tie (or a small bf16 edge) keeps fp32
+    monkeypatch.setattr(generate, "gemm_seconds", lambda dtype, rows, hidden, cols: 1e-3 if dtype == torch.float32
+                        else 0.9e-3)
+    assert generate.probe_dtype(64, 49152)["dtype"] == torch.float32
+
+
+def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
+    import shutil
+
+    import experts_report
+
+    ckpt = tmp_path / "final"
+    shutil.copytree(checkpoint, ckpt)
+    out = experts_report.write_report(str(ckpt), top=5)
+    report = json.load(open(out))
+    assert report["weights_sha256"] == generate.weights_sha256(str(ckpt))
+    assert [entry["layer"] for entry in report["layers"]] == MOE_LAYERS
+    for entry in report["layers"]:
+        experts = entry["experts"]
+        assert [e["expert"] for e in experts] == list(range(TINY["n_routed_experts"]))
+        assert sum(e["load"] for e in experts) == report["sample"]["tokens"] * TINY["num_experts_per_tok"]
+        for e in experts:
+            assert len(e["top"]) <= 5 and [t["count"] for t in e["top"]] == sorted(
+                [t["count"] for t in e["top"]], reverse=True)
+            assert all(0 < t["share"] <= 1 and 0 < t["of_token"] <= 1 for t in e["top"])
+    demo = app.build_demo(str(ckpt))
+    try:
+        view = component(demo, "experts-view")["value"]
+        assert view.count('class="expert-card"') == TINY["n_routed_experts"]
+        assert f'data-layer="{MOE_LAYERS[0]}"' in view
+        assert f'data-layer="{MOE_LAYERS[-1]}"' in app.experts_table(demo.experts_report, MOE_LAYERS[-1])
+        assert "fixed sample" in component(demo, "experts-note")["value"]
+    finally:
+        demo.close()
+    report["weights_sha256"] = "0" * 64  # as if the checkpoint had been replaced since
+    json.dump(report, open(out, "w"))
+    demo = app.build_demo(str(ckpt))
+    try:
+        assert "stale" in component(demo, "experts-note")["value"]
+        assert "expert-card" not in component(demo, "experts-view")["value"]
+    finally:
+        demo.close()
+
+
+def test_shipped_experts_report_matches_the_shipped_weights():
+    """checkpoints/final/experts.json must be regenerated (python experts_report.py) whenever the weights change."""
+    final = os.path.join(app.APP_DIR, "checkpoints", "final")
+    if not os.path.isfile(os.path.join(final, "model.safetensors")):
+        pytest.skip("no shipped checkpoint")
+    report = json.load(open(os.path.join(final, app.EXPERTS_JSON)))
+    assert report["weights_sha256"] == generate.weights_sha256(final), "stale: run python experts_report.py"
