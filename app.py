@@ -6,7 +6,8 @@ what each routed expert took over a fixed sample text.
     MODEL_REPO=user/smollm2-deepseek python app.py   # download from the Hub, fall back to MODEL_DIR on any error
 
 The engine (loading, the dtype probe, input checks, admission, streaming with routing capture) is generate.py's
-"Serving" section; this file is the page around it. Tests build the page without launching it: `build_demo(model_dir)` returns the gr.Blocks, `launch(demo, ...)` serves.
+"Serving" section; this file is the page around it. Tests build the page without launching it: `build_demo(model_dir)`
+returns the gr.Blocks, `launch(demo, ...)` serves.
 Environment: MODEL_DIR (default checkpoints/final next to this file), MODEL_REPO (optional Hub repo id),
 GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 when SPACE_ID says this is a Hugging Face Space),
 GRADIO_SERVER_PORT or PORT (default 7860).
@@ -14,12 +15,14 @@ API: /generate(prompt, temperature, top_k, max_new_tokens) and /chat(message, hi
 max_new_tokens), both streaming (gradio_client).
 """
 import asyncio
+import contextlib
 import html
 import json
 import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import anyio
 import gradio as gr
@@ -37,7 +40,7 @@ QUEUE_WORKERS = 2
 QUEUE_MAX_WAITING = 16
 WAIT_POLL_S = 0.25  # how often a waiting visitor's place in line is refreshed
 STOP_TEXT = "\nUser:"  # a chat reply ends where the model starts the visitor's next turn
-CORPUS_TOKENS = 11.34e6  # training split of ../shared/corpus with this tokenizer (DESIGN.md §4)
+CORPUS_TOKENS = 11.34e6  # the offline training corpus (open textbooks) in this tokenizer's tokens
 SMOLLM2_GQA_VALUES = 2 * 3 * 64  # SmolLM2-135M caches K and V of 3 kv heads x 64 dims per token per layer
 LOCK = threading.Lock()
 EXAMPLES = [
@@ -79,6 +82,15 @@ async def _wait_turn(engine: Engine, ticket):
     while (place := engine.admission.poll(ticket)) > 0:
         yield place
         await asyncio.sleep(WAIT_POLL_S)
+
+
+@dataclass
+class StreamOutcome:
+    """How a stream ended, filled in by UI._token_steps: why it stopped, an error, and its TextAssembler."""
+
+    reason: str = "reached the max new tokens"
+    error: str | None = None
+    text: object = None
 
 
 async def _next(iterator):
@@ -150,18 +162,31 @@ class Streams:
         if not self._begin(session, "generate"):
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()  # its stream is already running
             return
+        async for update in self._in_line(
+                session,
+                busy=lambda: ("", busy_message(engine), empty_view("Nothing generated: the Space is busy."), None,
+                              None),
+                waiting=lambda place: ("", waiting_message(engine, place), empty_view("Waiting for a free slot…"),
+                                       None, None),
+                run=lambda: self._generate_admitted(settings, notes, session)):
+            yield update
+
+    async def _in_line(self, session, busy, waiting, run):
+        """A stream through the admission line, after _begin let the session start one: `busy()` when the line is
+        full, `waiting(place)` while it waits, then run()'s updates once admitted; the slot is always given back."""
+        engine = self.engine
         try:
             ticket = engine.admission.join()
             if ticket is None:
-                yield "", busy_message(engine), empty_view("Nothing generated: the Space is busy."), None, None
+                yield busy()
                 return
             admitted, t_start = False, time.perf_counter()
             try:
                 async for place in _wait_turn(engine, ticket):
-                    yield "", waiting_message(engine, place), empty_view("Waiting for a free slot…"), None, None
+                    yield waiting(place)
                 admitted, t_start = True, time.perf_counter()
                 engine.streams_started += 1
-                async for update in self._generate_admitted(settings, notes, session):
+                async for update in run():
                     yield update
             finally:
                 if admitted:
@@ -171,45 +196,55 @@ class Streams:
         finally:
             self._end(session)
 
-    async def _generate_admitted(self, settings, notes, session):
+    async def _token_steps(self, data, ids, settings, session, outcome: "StreamOutcome"):
+        """The stream's tokens from the engine (in a worker thread), each added to `data`; yields the token count
+        after each. It ends at the Stop button or the end-of-text token (outcome.reason says which) or on a failure
+        (outcome.error: reported with what was generated so far); the engine's producer is always closed."""
         engine = self.engine
-        ids, max_new = settings["ids"], settings["max_new"]
-        data = new_record(engine, ids)
-        header = "\n\n".join(notes + [_settings_line(settings, len(ids))])
-        view = TokenView(engine.moe_layers)
-        layer = self.layer_choice.get(session, engine.moe_layers[0] if engine.moe_layers else None)
-        yield "", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data), _snapshot(data)
-        t0 = time.perf_counter()
-        reason, error, text = "reached the max new tokens", None, None
         steps = engine.tokens(ids, settings)
         try:
             while (step := await _next(steps)) is not None:
-                token_id, piece, routing, text = step
+                token_id, piece, routing, outcome.text = step
                 add_token(data, token_id, piece, routing)
-                n = len(data["tokens"])
                 if session is not None and session in engine.stopping:
-                    reason = "stopped with the Stop button"
-                    break
+                    outcome.reason = "stopped with the Stop button"
+                    return
+                yield len(data["tokens"])
+            if len(data["tokens"]) < settings["max_new"]:
+                outcome.reason = "stopped at the end-of-text token"
+        except Exception as err:
+            outcome.error = f"⚠️ **Generation failed**: {type(err).__name__}: {err}"
+        finally:
+            _close(steps)
+
+    def _new_view(self, ids, settings, notes, session):
+        """A fresh routing record for a stream, its status header, token view and the layer the session shows."""
+        engine = self.engine
+        header = "\n\n".join(notes + [_settings_line(settings, len(ids))])
+        layer = self.layer_choice.get(session, engine.moe_layers[0] if engine.moe_layers else None)
+        return new_record(engine, ids), header, TokenView(engine.moe_layers), layer
+
+    async def _generate_admitted(self, settings, notes, session):
+        ids, max_new = settings["ids"], settings["max_new"]
+        data, header, view, layer = self._new_view(ids, settings, notes, session)
+        yield "", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data), _snapshot(data)
+        t0, outcome = time.perf_counter(), StreamOutcome()
+        async with contextlib.aclosing(self._token_steps(data, ids, settings, session, outcome)) as tokens:
+            async for n in tokens:
                 if n < max_new:
                     layer = self.layer_choice.get(session, layer)
                     rate = n / max(time.perf_counter() - t0, 1e-9)
                     plot = load_heatmap(data) if n % HEATMAP_EVERY == 0 else gr.skip()
-                    yield (text.text, f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)",
+                    yield (outcome.text.text, f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)",
                            view.render(data, layer), plot, _snapshot(data))
-            else:
-                if len(data["tokens"]) < max_new:
-                    reason = "stopped at the end-of-text token"
-        except Exception as err:  # a failure mid-stream is reported with what was generated so far
-            error = f"⚠️ **Generation failed**: {type(err).__name__}: {err}"
-        finally:
-            _close(steps)
         n = len(data["tokens"])
         seconds = time.perf_counter() - t0
-        label = "⏹ Stopped" if reason.startswith("stopped with") else "✓ Done"
-        done = error or (f"{label}: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); {reason}."
-                         if n else "✓ Done: the model ended the text at once (end-of-text token); nothing to show.")
+        label = "⏹ Stopped" if outcome.reason.startswith("stopped with") else "✓ Done"
+        done = outcome.error or (
+            f"{label}: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); {outcome.reason}."
+            if n else "✓ Done: the model ended the text at once (end-of-text token); nothing to show.")
         layer = self.layer_choice.get(session, layer)
-        data["text"] = text.final() if text else ""
+        data["text"] = outcome.text.final() if outcome.text else ""
         yield data["text"], f"{header}\n\n{done}", view.render(data, layer), load_heatmap(data), _snapshot(data)
 
     async def chat(self, message, history, temperature, top_k, max_new_tokens, request: gr.Request = None):
@@ -234,71 +269,40 @@ class Streams:
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         conversation = history + [{"role": "user", "content": message}]
-        try:
-            ticket = engine.admission.join()
-            if ticket is None:
-                yield conversation, busy_message(engine), empty_view("Nothing generated: the Space is busy."), None
-                return
-            admitted, t_start = False, time.perf_counter()
-            try:
-                async for place in _wait_turn(engine, ticket):
-                    yield conversation, waiting_message(engine, place), gr.skip(), gr.skip()
-                admitted, t_start = True, time.perf_counter()
-                engine.streams_started += 1
-                async for update in self._chat_admitted(conversation, ids, settings, notes, session):
-                    yield update
-            finally:
-                if admitted:
-                    engine.admission.leave(time.perf_counter() - t_start)
-                else:
-                    engine.admission.cancel(ticket)
-        finally:
-            self._end(session)
+        async for update in self._in_line(
+                session,
+                busy=lambda: (conversation, busy_message(engine), empty_view("Nothing generated: the Space is busy."),
+                              None),
+                waiting=lambda place: (conversation, waiting_message(engine, place), gr.skip(), gr.skip()),
+                run=lambda: self._chat_admitted(conversation, ids, settings, notes, session)):
+            yield update
 
     async def _chat_admitted(self, conversation, ids, settings, notes, session):
-        engine = self.engine
-        data = new_record(engine, ids)
+        data, header, view, layer = self._new_view(ids, settings, notes, session)
         data["prompt"] = ""  # the token view shows the reply alone (the transcript is on the left)
-        header = "\n\n".join(notes + [_settings_line(settings, len(ids))])
-        view = TokenView(engine.moe_layers)
-        layer = self.layer_choice.get(session, engine.moe_layers[0] if engine.moe_layers else None)
         reply = {"role": "assistant", "content": ""}
         yield conversation + [reply], f"{header}\n\n⏳ Replying…", view.render(data, layer), _snapshot(data)
-        t0 = time.perf_counter()
-        reason, error, text = "reached the max new tokens", None, None
-        steps = engine.tokens(ids, settings)
-        try:
-            while (step := await _next(steps)) is not None:
-                token_id, piece, routing, text = step
-                add_token(data, token_id, piece, routing)
-                cut = text.text.find(STOP_TEXT)
+        t0, outcome = time.perf_counter(), StreamOutcome()
+        async with contextlib.aclosing(self._token_steps(data, ids, settings, session, outcome)) as tokens:
+            async for n in tokens:
+                cut = outcome.text.text.find(STOP_TEXT)
                 if cut >= 0:  # the model started the visitor's next turn: the reply ends before it
-                    reason = f"stopped at the next “{STOP_TEXT.strip()}”"
+                    outcome.reason = f"stopped at the next “{STOP_TEXT.strip()}”"
                     _keep_tokens_before(data, cut)
                     break
-                if session is not None and session in engine.stopping:
-                    reason = "stopped with the Stop button"
-                    break
-                reply["content"] = shown_reply(text.text)
-                n = len(data["tokens"])
+                reply["content"] = shown_reply(outcome.text.text)
                 layer = self.layer_choice.get(session, layer)
                 yield (conversation + [dict(reply)], f"{header}\n\n⏳ Replying… {n} tokens",
                        view.render(data, layer), _snapshot(data))
-            else:
-                if len(data["tokens"]) < settings["max_new"]:
-                    reason = "stopped at the end-of-text token"
-        except Exception as err:
-            error = f"⚠️ **Generation failed**: {type(err).__name__}: {err}"
-        finally:
-            _close(steps)
-        full = text.final() if text else ""
+        full = outcome.text.final() if outcome.text else ""
         cut = full.find(STOP_TEXT)
         reply["content"] = (full[:cut] if cut >= 0 else full).strip()
         data["text"] = reply["content"]
         n, seconds = len(data["tokens"]), time.perf_counter() - t0
         if not reply["content"]:
             reply["content"] = "…"  # an empty bubble would look like a bug: say nothing came
-        done = error or (f"✓ Done: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); {reason}.")
+        done = outcome.error or (f"✓ Done: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); "
+                                 f"{outcome.reason}.")
         layer = self.layer_choice.get(session, layer)
         view.spans = []  # tokens may have been dropped after the stop: redraw
         yield conversation + [reply], f"{header}\n\n{done}", view.render(data, layer), _snapshot(data)
