@@ -209,8 +209,9 @@ BF16_MIN_SPEEDUP = 1.2
 def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
     """The checkpoint directory to load and a note about how it was found (None when nothing to say).
 
-    An explicit model_dir wins; otherwise MODEL_REPO is downloaded from the Hub if set (any failure, offline
-    included, falls back to the local directory), else MODEL_DIR, else checkpoints/final next to this file.
+    An explicit model_dir wins; otherwise MODEL_REPO is downloaded from the Hub if set, at MODEL_REVISION (a commit
+    hash, tag or branch: pin one so a push to the model repo cannot change a running Space under its visitors; any
+    failure, offline included, falls back to the local directory), else MODEL_DIR, else checkpoints/final here.
     """
     if model_dir:
         return model_dir, None
@@ -218,10 +219,13 @@ def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
     repo = os.environ.get("MODEL_REPO")
     if not repo:
         return local, None
+    revision = os.environ.get("MODEL_REVISION") or None
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=repo), f"Downloaded from the Hub repo `{repo}`."
+        where = f"`{repo}`" + (f" at revision `{revision}`" if revision else " (latest revision: set MODEL_REVISION "
+                                                                             "to pin one)")
+        return snapshot_download(repo_id=repo, revision=revision), f"Downloaded from the Hub repo {where}."
     except Exception as err:  # offline, missing repo, no huggingface_hub...: serve the local copy instead
         return local, f"Could not download `{repo}` from the Hub ({type(err).__name__}); using `{display_path(local)}`."
 

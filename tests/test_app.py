@@ -325,9 +325,13 @@ def test_model_repo_download_and_offline_fallback(monkeypatch, tmp_path):
     path, note = app.resolve_model_dir()
     assert calls == ["someone/smollm2-deepseek"]
     assert path == str(tmp_path / "local") and "Could not download" in note and "OSError" in note
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(tmp_path / "snap"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(kw.get("revision")) or str(tmp_path / "snap"))
     path, note = app.resolve_model_dir()
-    assert path == str(tmp_path / "snap") and "someone/smollm2-deepseek" in note
+    assert path == str(tmp_path / "snap") and "someone/smollm2-deepseek" in note and "MODEL_REVISION" in note
+    monkeypatch.setenv("MODEL_REVISION", "0123abcd")  # a pinned revision is what gets downloaded
+    path, note = app.resolve_model_dir()
+    assert calls[-2:] == [None, "0123abcd"] and "revision `0123abcd`" in note
 
 
 class Request:
