@@ -18,7 +18,9 @@ from model import SmolLM2DeepSeek
 BUCKETS = [(0, 256), (256, 512), (512, 1024), (1024, 2048)]
 
 p = argparse.ArgumentParser()
-p.add_argument("--model", required=True, help="ours:DIR or gguf")
+p.add_argument("--model", required=True, help="ours:DIR, gguf, or gguf-rope:K[:S] (the GGUF Llama rotating only its "
+               "rope pairs 0, S, ..., (K-1)S of 32, the others unrotated: convert_smollm2 --rope-stride S's "
+               "frequencies with exact keys)")
 p.add_argument("--tokenizer", default="/work/wt18/artifacts/converted_dense_eq")
 p.add_argument("--val", default="/work/shared/corpus/val.jsonl")
 p.add_argument("--window", type=int, default=2048)
@@ -35,8 +37,16 @@ ids = torch.tensor(ids)
 n_win = (len(ids) - 1) // a.window
 if a.max_windows:
     n_win = min(n_win, a.max_windows)
-if a.model == "gguf":
+if a.model.startswith("gguf"):
     model, _, desc = load_source(None, None)
+    if ":" in a.model:
+        k, stride = (int(v) for v in (a.model.split(":")[1:] + ["1"])[:2])
+        rot = model.model.rotary_emb
+        kept = torch.zeros_like(rot.inv_freq, dtype=torch.bool)
+        kept[torch.arange(k) * stride] = True
+        rot.inv_freq[~kept] = 0.0
+        desc["rotated_pairs"] = (torch.arange(k) * stride).tolist()
+        desc["inv_freq_kept"] = rot.inv_freq[kept].tolist()
     fn = lambda x: model(x).logits
 else:
     model = SmolLM2DeepSeek.from_pretrained(a.model.split(":", 1)[1]).eval()
