@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from config import ConfigError, ModelConfig  # noqa: F401  (ModelConfig is part of model's API)
-from loss import ChunkedCrossEntropy
+from loss import ChunkedCrossEntropy, SoftTargets
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -440,9 +440,11 @@ class SmolLM2DeepSeek(nn.Module):
             x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False) if checkpointing else block(*args)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, expert_impl: str | None = None):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, expert_impl: str | None = None,
+                teacher: SoftTargets | None = None):
         """Without targets: logits [B, T, V]. With targets [B, T] (-100 = ignore): (None, loss), where loss is the
         mean next-token cross-entropy plus any enabled router loss; the full logits are never materialised.
+        With `teacher` (loss.SoftTargets over the same B * T tokens) the token loss mixes in KL(teacher || model).
         A training forward adds its routing choices to each gate's load (the input of update_bias).
         expert_impl: see Experts.forward; default "grouped" (one grouped GEMM per projection, no host sync; on a
         2-core CPU also a little faster than "sorted": 5.2-5.4 vs 5.9-6.0 ms fwd+bwd per MoE layer for 512 tokens
@@ -459,7 +461,7 @@ class SmolLM2DeepSeek(nn.Module):
         if targets is None:
             return self.lm_head(h)
         B, T, d = h.shape
-        loss = self.loss_fn(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T))
+        loss = self.loss_fn(h.reshape(B * T, d), self.lm_head.weight, targets.reshape(B * T), teacher)
         for aux in aux_losses or []:
             loss = loss + aux
         return None, loss

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError, ModelConfig, dataclass_from_dict, read_yaml
+from loss import SoftTargets
 from model import SmolLM2DeepSeek, max_violation
 
 DEFAULT_PROMPTS = ["Once upon a time", "The main causes of inflation are", "Photosynthesis is the process",
@@ -71,6 +72,7 @@ class TrainConfig:
     sample_prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS))
     log_every: int = 10
     max_skipped_steps: int = 10  # this many skipped steps in a row (non-finite loss or gradient) stop the run
+    distill_weight: float = 1.0  # with --distill-from: token loss = (1 - w) CE + w KL(teacher || model)
     seed: int = 1337
     tokenizer: str = "HuggingFaceTB/cosmo2-tokenizer"
     dataset: str = "HuggingFaceTB/smollm-corpus"
@@ -85,6 +87,8 @@ class TrainConfig:
         for key in ["steps", "extra_steps", "warmup_steps", "weight_decay", "eps", "sample_tokens"]:
             if getattr(self, key) < 0:
                 raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"key 'distill_weight' must be in [0, 1], got {self.distill_weight!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio!r}")
         if not 0 < self.decay_fraction <= 1:
@@ -109,6 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--config", default="config_smollm2_135.yaml", help="YAML with model: and train: sections")
     p.add_argument("--data", nargs="+", help="local training files (.jsonl with a 'text' field, .txt, or a "
                    "pre-tokenized uint16 .npy); default: stream the hub dataset")
+    p.add_argument("--data-repeat", nargs="+", type=int, metavar="N", help="with --data: how many times each "
+                   "file's tokens go into the training stream (one count per file), to weight a small file such as "
+                   "chat data against a large corpus; windows are still drawn at random from the whole stream")
     p.add_argument("--val-data", nargs="+", help="local validation files; default with --data: every 100th document")
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the config's)")
     p.add_argument("--out", help="the run directory: checkpoints, metrics.jsonl, samples and plot go here "
@@ -123,6 +130,11 @@ def parse_args(argv=None):
                    "convert_smollm2.py's output) with a fresh optimizer, schedule and data position; its config.json "
                    "replaces the YAML's model: section and its tokenizer is the default. A run with checkpoints in "
                    "--out resumes from them instead")
+    p.add_argument("--distill-from", metavar="PATH", help="a teacher (a transformers model directory, a hub id, or "
+                   "a .gguf file) with the same vocabulary: the loss mixes in KL(teacher || model) on every token's "
+                   "next-token distribution, chunked like the cross-entropy (see --distill-weight)")
+    p.add_argument("--distill-weight", type=float, help="w in (1 - w) CE + w KL with --distill-from (default: the "
+                   "config's distill_weight, 1.0 = pure distillation)")
     p.add_argument("--checkpoint_path", "--checkpoint-path", dest="checkpoint_path",
                    help="start from this checkpoint (e.g. runs/config_smollm2_135/step_5000 to run phase 2 alone)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, mps or cpu")
@@ -153,7 +165,7 @@ def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
         model_cfg = ModelConfig.from_dict(data.get("model", {}), where=f"{args.config} [model]")
     train_cfg = dataclass_from_dict(TrainConfig, data.get("train", {}), where=f"{args.config} [train]")
     overrides = {k: getattr(args, k, None) for k in ["steps", "extra_steps", "seed", "batch_size", "grad_accum_steps",
-                                                     "lr", "seq_len", "max_skipped_steps"]}
+                                                     "lr", "seq_len", "max_skipped_steps", "distill_weight"]}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.tokenizer:
         overrides["tokenizer"] = args.tokenizer
@@ -168,6 +180,10 @@ def load_configs(args) -> tuple[ModelConfig, TrainConfig]:
     if train_cfg.steps + train_cfg.extra_steps == 0:
         raise ConfigError("nothing to train: steps and extra_steps are both 0 (set --steps or --extra-steps, or "
                           f"steps: in {args.config})")
+    if args.data_repeat and (not args.data or len(args.data_repeat) != len(args.data)
+                             or min(args.data_repeat) < 1):
+        raise ConfigError(f"--data-repeat takes one count >= 1 per --data file ({len(args.data or [])} files), got "
+                          f"{' '.join(map(str, args.data_repeat))}")
     if train_cfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"key 'seq_len' ({train_cfg.seq_len}) exceeds the model's max_position_embeddings "
                           f"({model_cfg.max_position_embeddings})")
@@ -387,10 +403,18 @@ def validation_batches(tokens: np.ndarray, cfg: TrainConfig) -> list:
 def build_data(args, cfg: TrainConfig, tokenizer, rank: int, world: int):
     """-> (training batches, validation batches [list of (x, y)])."""
     if args.data:
-        if args.val_data:
+        if args.val_data and args.data_repeat:
+            # each file tokenized (and cached) alone, then repeated: a small file weighs in without a copy on disk
+            train_tokens = np.concatenate([tokenize_files([path], tokenizer) for path, n in
+                                           zip(args.data, args.data_repeat) for _ in range(n)])
+            val_tokens = tokenize_files(args.val_data, tokenizer)
+        elif args.val_data:
             train_tokens = tokenize_files(args.data, tokenizer)
             val_tokens = tokenize_files(args.val_data, tokenizer)
         else:
+            if args.data_repeat:
+                raise ConfigError("--data-repeat needs --val-data (without it every 100th document is held out)")
+
             def train_docs(i):
                 """all but every 100th document"""
                 return i % 100 != 0
@@ -421,6 +445,43 @@ def build_data(args, cfg: TrainConfig, tokenizer, rank: int, world: int):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model, optimiser, schedule
+
+
+def load_teacher(path: str, vocab_size: int, device: torch.device):
+    """The --distill-from model in eval mode, frozen: a transformers causal LM (directory or hub id) or a .gguf file
+    (read by transformers; needs the `gguf` package). Its vocabulary must be ours, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such file: {path}")
+            folder, name = os.path.split(os.path.abspath(path))
+            teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        else:
+            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as err:
+        raise ConfigError(f"--distill-from {path}: cannot load the teacher ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    size = teacher.get_output_embeddings().weight.shape[0]
+    if size != vocab_size:
+        raise ConfigError(f"--distill-from {path}: the teacher's vocabulary has {size} tokens, the model's "
+                          f"{vocab_size}: distillation needs the same vocabulary")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def distillation_loss(teacher, kl_weight: float):
+    """A train_step loss_fn: the model's loss with the teacher's next-token distributions mixed in (loss.SoftTargets:
+    the teacher's final hidden states and lm_head, so its [tokens, vocab] logits are formed chunk by chunk)."""
+
+    def loss_fn(model, x, y):
+        with torch.no_grad():
+            hidden = teacher.base_model(input_ids=x).last_hidden_state
+        soft = SoftTargets(hidden.reshape(-1, hidden.shape[-1]), teacher.get_output_embeddings().weight, kl_weight)
+        return model(x, y, teacher=soft)[1]
+
+    return loss_fn
 
 
 def pick_device(name: str) -> torch.device:
@@ -834,6 +895,7 @@ class Run:
     batches: object  # PackedBatches or HubBatches
     val_batches: list
     identity: dict  # what a resumed run must share with the checkpoint besides its configs (see run_identity)
+    loss_fn: object = None  # train_step's loss_fn: the model's own loss, or distillation_loss with --distill-from
 
     @property
     def master(self) -> bool:
@@ -892,8 +954,13 @@ def setup(args) -> Run:
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but vocab_size is {model_cfg.vocab_size}")
     batches, val_batches = build_data(args, cfg, tokenizer, rank, world)
-    run = Run(args, model_cfg, cfg, device, rank, world, tokenizer, batches, val_batches,
-              run_identity(tokenizer, batches, world))
+    loss_fn = model_loss
+    if args.distill_from:
+        loss_fn = distillation_loss(load_teacher(args.distill_from, model_cfg.vocab_size, device), cfg.distill_weight)
+    identity = run_identity(tokenizer, batches, world)
+    if args.distill_from:  # a resumed distillation run must keep its teacher
+        identity["teacher"] = args.distill_from
+    run = Run(args, model_cfg, cfg, device, rank, world, tokenizer, batches, val_batches, identity, loss_fn)
     if run.master:
         clean_stale(run.out, run.log)
     if world > 1:
@@ -1056,7 +1123,7 @@ def train(run: Run, t: Trainer) -> None:
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
             result = train_step(model, t.optimizer, run.batches.next, cfg, amp_dtype=t.amp_dtype, scaler=t.scaler,
-                                ddp=t.ddp)
+                                ddp=t.ddp, loss_fn=run.loss_fn)
             diverged = None
             if result.skipped:
                 # a NaN/inf loss or gradient: the update (and its loads) was dropped; count it and carry on, unless

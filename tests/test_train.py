@@ -229,3 +229,89 @@ def test_init_from_starts_fresh_training_from_given_weights(train_data, referenc
     assert again.returncode == 0 and "starting from the weights" not in again.stderr
     missing = run(train_cmd(train_data, tmp_path / "x", "--init-from", str(tmp_path / "nowhere")), train_data)
     assert missing.returncode == 2 and "no config.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def tiny_teacher(path, vocab_size=49152):
+    """A random 1-layer transformers Llama with our vocabulary, saved where --distill-from can read it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def test_distillation_loss_is_ce_mixed_with_kl_to_the_teacher(tmp_path):
+    """train.distillation_loss: (1 - w) CE + w KL(teacher || model), per token, against full logits written out."""
+    import train
+    from conftest import tiny_config
+    from model import SmolLM2DeepSeek
+
+    teacher = train.load_teacher(tiny_teacher(tmp_path / "teacher", vocab_size=97), 97, torch.device("cpu"))
+    torch.manual_seed(1)
+    model = SmolLM2DeepSeek(tiny_config()).eval()
+    x, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    log_q = torch.log_softmax(model(x), -1)
+    log_p = torch.log_softmax(teacher(x).logits, -1)
+    ce = torch.nn.functional.nll_loss(log_q.view(-1, 97), y.view(-1))
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    for w in (0.0, 0.5, 1.0):
+        got = train.distillation_loss(teacher, w)(model, x, y)
+        assert got.item() == pytest.approx(((1 - w) * ce + w * kl).item(), abs=1e-5), w
+    with pytest.raises(train.ConfigError, match="vocabulary has 97 tokens"):
+        train.load_teacher(str(tmp_path / "teacher"), 49152, torch.device("cpu"))
+    with pytest.raises(train.ConfigError, match="cannot load the teacher"):
+        train.load_teacher(str(tmp_path / "nowhere.gguf"), 97, torch.device("cpu"))
+
+
+def test_distill_from_trains_and_resumes_exactly(train_data, reference_run, tmp_path):
+    """--distill-from: weight 0 is plain cross-entropy (the reference run's losses); weight 1 trains on the
+    teacher's distributions, and a SIGKILLed run resumes to identical losses; the teacher is part of the run."""
+    teacher = tiny_teacher(tmp_path / "teacher")
+    plain = run(train_cmd(train_data, tmp_path / "w0", "--distill-from", teacher, "--distill-weight", "0"), train_data)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert losses(tmp_path / "w0") == losses(reference_run)
+    cmd = train_cmd(train_data, tmp_path / "kd", "--distill-from", teacher, "--distill-weight", "1")
+    full = run(cmd, train_data)
+    assert full.returncode == 0, full.stderr[-3000:]
+    kd = losses(tmp_path / "kd")
+    assert sorted(kd) == list(range(1, 11)) and kd[1] != losses(reference_run)[1]
+    out = tmp_path / "killed"
+    killed_cmd = train_cmd(train_data, out, "--distill-from", teacher, "--distill-weight", "1")
+    proc = subprocess.Popen(killed_cmd, env=train_env(train_data), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not os.path.isdir(out / "step_6"):
+        time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before its step-6 checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run(killed_cmd, train_data)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == kd
+    # the same run directory without the teacher is another run: refused, naming the teacher
+    refused = run(train_cmd(train_data, out, "--steps", "9"), train_data)
+    assert refused.returncode == 2 and "teacher" in refused.stderr
+
+
+def test_data_repeat_weights_a_file_and_checks_its_counts(train_data, tmp_path):
+    """--data-repeat 1 3: the second file's tokens appear three times in the stream (the data size tells), and a
+    count per file is required."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"text": f"Question {i}? Answer {i}."}) + "\n" for i in range(40)))
+    out = tmp_path / "mixed"
+    ok = run(train_cmd(train_data, out, "--steps", "1", "--extra-steps", "0") + ["--data", str(train_data / "train.jsonl"),
+             str(chat), "--data-repeat", "1", "3"], train_data)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    once = run(train_cmd(train_data, tmp_path / "once", "--steps", "1", "--extra-steps", "0")
+               + ["--data", str(train_data / "train.jsonl"), str(chat)], train_data)
+    assert once.returncode == 0, once.stderr[-3000:]
+    sizes = [torch.load(os.path.join(d, "step_1", "training_state.pt"), weights_only=False)["run"]["train_tokens"]
+             for d in (out, tmp_path / "once")]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    chat_tokens = sum(len(tok(json.loads(line)["text"])["input_ids"]) + 1 for line in chat.read_text().splitlines())
+    assert sizes[0] - sizes[1] == 2 * chat_tokens
+    bad = run(train_cmd(train_data, tmp_path / "bad") + ["--data-repeat", "2", "1"], train_data)
+    assert bad.returncode == 2 and "--data-repeat takes one count" in bad.stderr
