@@ -30,6 +30,7 @@ import torch.utils.checkpoint
 
 from config import ConfigError, ModelConfig  # noqa: F401  (ModelConfig is part of model's API)
 from loss import ChunkedCrossEntropy, SoftTargets
+from quantize import QUANTIZED_FILE, read_quantized
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -570,6 +571,9 @@ class SmolLM2DeepSeek(nn.Module):
         if os.path.isfile(index_path):
             with open(index_path) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.isfile(os.path.join(directory, QUANTIZED_FILE)) and \
+                not os.path.isfile(os.path.join(directory, "model.safetensors")):
+            files = [QUANTIZED_FILE]  # quantize.py's small storage, dequantized here once
         else:
             files = ["model.safetensors"]
         state = {}
@@ -578,7 +582,7 @@ class SmolLM2DeepSeek(nn.Module):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"missing weights file {path}")
             try:
-                state.update(load_file(path))
+                state.update(read_quantized(path) if name == QUANTIZED_FILE else load_file(path))
             except (SafetensorError, OSError, ValueError) as err:
                 raise ValueError(f"cannot read weights file {path} (truncated or corrupt?): {err}") from None
         with torch.device("meta"):

@@ -1,0 +1,67 @@
+"""quantize.py: the small storage of the shipped model (int4 routed experts, int8 rows, exact routers/kv_a/norms)
+reads back through SmolLM2DeepSeek.from_pretrained, and `export` gives transformers a model with the same logits."""
+import json
+import os
+
+import pytest
+import torch
+
+import quantize
+from conftest import spread_model
+from model import SmolLM2DeepSeek
+
+
+def test_int4_groups_are_no_worse_than_plain_min_max_and_round_trip():
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 64)
+    w[0, 0, 5] = 9.0  # an outlier: clipping its group's range should pay
+    parts = quantize.quantize_int4(w, 16)
+    assert parts["q4"].shape == (3, 8, 32) and parts["q4"].dtype == torch.uint8
+    assert parts["scale"].shape == (3, 8, 4) and parts["min"].dtype == torch.float16
+    got = quantize.dequantize_int4(parts, torch.float32)
+    groups = w.reshape(3, 8, 4, 16)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale, lo = ((hi - lo) / 15).half().float(), lo.half().float()  # stored in fp16, as quantize_int4's
+    plain = (((groups - lo) / scale).round().clamp(0, 15) * scale + lo).reshape(w.shape)
+    err, plain_err = (got - w).square(), (plain - w).square()
+    assert (err.reshape(3, 8, 4, 16).sum(-1) <= plain_err.reshape(3, 8, 4, 16).sum(-1) + 1e-6).all()
+    assert err[0, 0, :16].sum() < 0.5 * plain_err[0, 0, :16].sum()  # the outlier's group: clipping paid
+    assert (got - w).abs().max() < 0.5  # no group is wrecked
+    q8 = quantize.quantize_int8(w.reshape(24, 64))
+    assert ((quantize.dequantize_int8(q8, torch.float32) - w.reshape(24, 64)).abs()
+            <= q8["scale"].float() / 2 + 1e-6).all()
+
+
+def test_pack_reads_back_close_and_export_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = spread_model()
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    path = quantize.pack(str(src), str(tmp_path / "small"), group_size=16)
+    assert sorted(os.listdir(tmp_path / "small")) == ["config.json", "generation_config.json",
+                                                      quantize.QUANTIZED_FILE]
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        schemes = json.loads(f.metadata()["quantization"])
+        keys = set(f.keys())
+    assert schemes["model.layers.1.mlp.experts.0.gate_proj.weight"] == "int4-g16"
+    assert schemes["model.layers.0.self_attn.q_proj.weight"] == "int8-row"
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in keys  # kept exact
+    assert "model.layers.1.mlp.gate.weight" in keys and "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+    small = SmolLM2DeepSeek.from_pretrained(str(tmp_path / "small"))
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        ref, got = model(ids), small(ids)
+    assert 0 < (got - ref).abs().max() < 0.1 * ref.abs().max()  # quantized: close, not equal
+    for name, p in model.named_parameters():  # what stays exact is bit-equal
+        if "kv_a_proj" in name or "norm" in name or name.endswith("gate.weight"):
+            assert torch.equal(p, dict(small.named_parameters())[name]), name
+    out = quantize.export(str(tmp_path / "small"), str(tmp_path / "hf"), dtype=torch.float32)
+    assert os.path.basename(out) == "model.safetensors"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, got, atol=1e-4)
+    with pytest.raises(SystemExit):
+        quantize.main(["pack", str(src), str(src)])
