@@ -2,15 +2,16 @@
 prefix up to the start of a user turn and writes a question, then it answers that question under its own template.
 
     python3 scripts/synth_chat.py --teacher artifacts/smollm2-instruct --tokenizer ../shared/tokenizer \
-        --out chat_data/smollm2_magpie.jsonl --conversations 600
+        --out chat_data/smollm2_magpie.jsonl --conversations 240
 
 Each JSONL line: {"messages": [user, assistant], "text": the conversation in the chat template, "batch": i} -- the
 "text" field is what `train.py --data` reads. Rerunning the same command continues after the last finished batch
 (batch i is sampled with seed + i, so the file is the same whether it was written in one go or resumed).
 <out>.meta.json records the command, the teacher and the filter counts.
 
-Filters (cheap, so that the student does not learn the teacher's failures): the question and the answer must end
-with the end-of-turn token, the question is 3-60 words, the answer 3-250 words, no question twice (case-folded),
+Filters (cheap, so that the student does not learn the teacher's failures): the question must end with the
+end-of-turn token; an answer that runs out of tokens keeps its whole sentences (at least two, else it is dropped;
+counted in the meta as "answers cut at a sentence"); the question is 3-60 words, the answer 3-250 words, no question twice (case-folded),
 and the answer's distinct-2 (unique word bigrams / bigrams) >= 0.6, which drops repetition loops.
 """
 from __future__ import annotations
@@ -69,11 +70,13 @@ def main(argv=None):
     p.add_argument("--teacher", required=True, help="a transformers model directory or a .gguf file")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory with the chat template")
     p.add_argument("--out", required=True)
-    p.add_argument("--conversations", type=int, default=600, help="stop once this many are kept")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--conversations", type=int, default=240, help="stop once this many are kept")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--question-tokens", type=int, default=48)
-    p.add_argument("--answer-tokens", type=int, default=192)
+    p.add_argument("--question-tokens", type=int, default=40)
+    p.add_argument("--answer-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: beside a training run on 2 cores, two "
+                   "threads that wait for each other at every op lose more than they gain)")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -83,7 +86,7 @@ def main(argv=None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_teacher(args.teacher)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     user_prefix = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], tokenize=False).split("\x00")[0]
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -122,8 +125,11 @@ def main(argv=None):
             answers = sample(model, tokenizer, prompts, args.answer_tokens, 0.3, 0.9,
                              args.seed * 100003 + 2 * batch + 1) if prompts else []
             for question, (answer, ended) in zip(candidates, answers):
+                if not ended:  # out of tokens: keep the whole sentences (the turn then ends after a full stop)
+                    answer = answer[:answer.rfind(". ") + 1] if answer.count(". ") >= 2 else ""
+                    rejected["answers cut at a sentence"] = rejected.get("answers cut at a sentence", 0) + bool(answer)
                 words = len(answer.split())
-                reason = ("unfinished answer" if not ended else "answer length" if not 3 <= words <= 250
+                reason = ("unfinished answer" if not answer else "answer length" if not 3 <= words <= 250
                           else "repetitive answer" if distinct_2(answer) < 0.6 else None)
                 if reason:
                     rejected[reason] = rejected.get(reason, 0) + 1
