@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from generate import weights_sha256  # the same digest app.py checks
+from serve import weights_sha256  # the same digest app.py checks
 from model import SmolLM2DeepSeek
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from data import build_data, load_tokenizer  # noqa: E402
 from model import SmolLM2DeepSeek  # noqa: E402
-from train import (TrainConfig, build_data, build_optimizer, load_configs, load_tokenizer, lr_at,  # noqa: E402
-                   model_loss, train_step)
+from train import TrainConfig, build_optimizer, load_configs, lr_at, model_loss, train_step  # noqa: E402
 
 
 def dense_twin(ours: SmolLM2DeepSeek, kv_heads: int):

@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import (ROOT, TOKENIZER_DIR as TOKENIZER, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl,
-                      train_cmd, train_env)
+from conftest import ROOT, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl, train_cmd, train_env
 
 pytestmark = needs_corpus
 
@@ -177,29 +176,6 @@ def test_torchrun_two_ranks_keep_identical_bias(train_data, tmp_path):
     rows = read_jsonl(out / "metrics.jsonl")
     assert [sum(r["expert_load"][0]) for r in rows] == [2 * 2 * 2 * 32 * 2] * 3  # loads summed over both ranks
     assert rows[-1]["tokens_seen"] == 3 * 2 * 2 * 2 * 32
-
-
-def test_streamed_hub_batches_resume_exactly(train_data):
-    """The hub path (no network here): the same packing over a local iterable dataset, resumed from its state."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    import train
-
-    docs = read_jsonl(train_data / "train.jsonl")[:20]
-    stream = Dataset.from_list(docs).to_iterable_dataset()
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    first = train.HubBatches(stream, tok, batch_size=2, seq_len=32, skip_docs=1)
-    seen = [first.next() for _ in range(3)]
-    state = first.state_dict()
-    expected = [first.next() for _ in range(2)]
-    again = train.HubBatches(stream, tok, batch_size=2, seq_len=32, skip_docs=0)
-    again.load_state_dict(state)
-    for (x, y), (ex, ey) in zip([again.next() for _ in range(2)], expected):
-        assert torch.equal(x, ex) and torch.equal(y, ey)
-    assert torch.equal(seen[0][0][0, 1:], seen[0][1][0, :-1])  # targets are the inputs shifted by one
-    ids = tok(docs[1]["text"], add_special_tokens=False)["input_ids"]
-    assert seen[0][0][0, :10].tolist() == ids[:10]  # skip_docs=1 skipped exactly the first document
 
 
 def test_init_from_starts_fresh_training_from_given_weights(train_data, reference_run, tmp_path):
