@@ -114,7 +114,8 @@ def main():
                       f"busy {row['busy']}", flush=True)
     finally:
         demo.close()
-    out = {"model_dir": serve.display_path(args.model_dir), "tokens_per_call": args.tokens, "prompt": args.prompt,
+    out = {"command": " ".join(["python3", *sys.argv]), "model_dir": serve.display_path(args.model_dir),
+           "tokens_per_call": args.tokens, "prompt": args.prompt,
            "temperature": 0.8, "top_k": 50, "weights_dtype": engine.dtype_name, "cpu_count": os.cpu_count(),
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
            "note": "2-core machine shared with other engineers' jobs: see the load averages", "rows": rows}
