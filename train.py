@@ -332,8 +332,8 @@ def train_step(model, optimizer, next_batch, cfg: TrainConfig, *, amp_dtype=None
     Backward under autocast (and GradScaler for fp16), no_sync on all but the last micro-batch under DDP (`ddp`, the
     wrapped `model`), the expert loads summed over micro-batches (all-reduced over ranks), gradient clipping, then
     the optimizer step and the loss-free balancing bias update -- or, if any loss or the gradient is not finite,
-    neither (the step is skipped). Expert loads are reset for the next step. `loss_fn(model, x, y)` lets the
-    benchmarks run a transformers model through the same step; balancing applies to our model only.
+    neither (the step is skipped). Expert loads are reset for the next step. `loss_fn(model, x, y)` is where
+    another loss plugs in (the benchmarks run a transformers model through it); balancing applies to ours only.
     """
     device = next(model.parameters()).device
     forward = ddp if ddp is not None else model
