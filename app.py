@@ -5,8 +5,8 @@ what each routed expert took over a fixed sample text.
     MODEL_DIR=runs/x/final python app.py
     MODEL_REPO=user/smollm2-deepseek python app.py   # download from the Hub, fall back to MODEL_DIR on any error
 
-The engine (loading, the dtype probe, input checks, admission, streaming with routing capture) is generate.py's
-"Serving" section; this file is the page around it. Tests build the page without launching it: `build_demo(model_dir)`
+The engine (loading, the dtype probe, input checks, admission, streaming with routing capture) is serve.py; this
+file is the page around it. Tests build the page without launching it: `build_demo(model_dir)`
 returns the gr.Blocks, `launch(demo, ...)` serves.
 Environment: MODEL_DIR (default checkpoints/final next to this file), MODEL_REPO (optional Hub repo id),
 GRADIO_SERVER_NAME (default 127.0.0.1; 0.0.0.0 when SPACE_ID says this is a Hugging Face Space),
@@ -28,8 +28,8 @@ import anyio
 import gradio as gr
 import plotly.graph_objects as go
 
-from generate import (MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
-                      resolve_model_dir)
+from serve import (MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
+                   resolve_model_dir)
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 EXPERTS_JSON = "experts.json"  # beside the weights; written by experts_report.py

@@ -1,16 +1,18 @@
-"""Configuration: `ModelConfig` (the model's shape, field names as transformers' DeepseekV3Config) and the one loader
-that turns YAML or config.json mappings into checked dataclasses, naming any bad key.
+"""Configuration: `ModelConfig` (the model's shape, field names as transformers' DeepseekV3Config), `TrainConfig`
+(train.py's settings, a checkpoint's record of its run) and the one loader that turns YAML or config.json mappings
+into checked dataclasses, naming any bad key.
 
     ModelConfig.from_yaml("config_smollm2_135.yaml")      # the `model:` section of a run config
     ModelConfig.from_hf_dict(json.load(open("config.json")))
-    dataclass_from_dict(TrainConfig, data["train"], where="run.yaml [train]")   # train.py's settings
+    dataclass_from_dict(TrainConfig, data["train"], where="run.yaml [train]")   # the `train:` section
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_CONTEXT = 1 << 20  # positions; far beyond what this model is trained for, small enough to allocate
 
@@ -25,7 +27,7 @@ class ConfigError(ValueError):
 def dataclass_from_dict(cls, values: dict, where: str):
     """Build dataclass `cls` from a mapping, rejecting unknown keys and values of the wrong type by name.
 
-    The one config loader of the project: ModelConfig here and TrainConfig in train.py both go through it.
+    The one config loader of the project: ModelConfig and TrainConfig both go through it.
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(values).__name__}")
@@ -224,3 +226,84 @@ class ModelConfig:
             if isinstance(values.get(key), list):
                 values[key] = values[key][0] if values[key] else None
         return cls.from_dict(values, where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training settings (the `train:` section of a run config; train.py's flags override some)
+
+DEFAULT_PROMPTS = ["Once upon a time", "The main causes of inflation are", "Photosynthesis is the process",
+                   "In mathematics, a function"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # phase 1
+    extra_steps: int = 50  # phase 2, started from the phase-1 checkpoint
+    batch_size: int = 8  # sequences per micro-batch (per rank)
+    grad_accum_steps: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warmup, stable, linear decay over the last decay_fraction)
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    balance_bias: bool = True  # the auxiliary-loss-free bias update after every optimizer step
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    eval_batches: int = 8
+    keep_last: int = 3
+    sample_tokens: int = 48
+    sample_prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    log_every: int = 10
+    max_skipped_steps: int = 10  # this many skipped steps in a row (non-finite loss or gradient) stop the run
+    distill_weight: float = 1.0  # with --distill-from: token loss = (1 - w) CE + w KL(teacher || model)
+    seed: int = 1337
+    tokenizer: str = "HuggingFaceTB/cosmo2-tokenizer"
+    dataset: str = "HuggingFaceTB/smollm-corpus"
+    dataset_config: str = "cosmopedia-v2"
+    hub_val_docs: int = 200  # documents held out from the start of the hub stream for validation
+
+    def __post_init__(self):
+        for key in ["batch_size", "grad_accum_steps", "seq_len", "lr", "checkpoint_every", "eval_every",
+                    "eval_batches", "keep_last", "log_every", "grad_clip", "hub_val_docs", "max_skipped_steps"]:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"key '{key}' must be > 0, got {getattr(self, key)!r}")
+        for key in ["steps", "extra_steps", "warmup_steps", "weight_decay", "eps", "sample_tokens"]:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)!r}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ConfigError(f"key 'distill_weight' must be in [0, 1], got {self.distill_weight!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"key 'min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"key 'decay_fraction' must be in (0, 1], got {self.decay_fraction!r}")
+        for key in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be in [0, 1), got {getattr(self, key)!r}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"key 'schedule' must be 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"key 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not all(isinstance(p, str) and p for p in self.sample_prompts):
+            raise ConfigError("key 'sample_prompts' must be a list of non-empty strings")
+
+
+def init_model_config(directory: str) -> ModelConfig:
+    """The model config of an --init-from checkpoint (its config.json), every problem named."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--init-from {directory}: no config.json there (expected a model directory written by "
+                          "save_pretrained, convert_smollm2.py or transformers)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON (truncated, corrupt or not UTF-8?): {err}") from None
+    return ModelConfig.from_hf_dict(hf, where=path)

@@ -17,8 +17,8 @@ from collections import Counter
 
 import torch
 
-from generate import weights_sha256  # the same digest app.py checks
 from model import SmolLM2DeepSeek
+from serve import weights_sha256  # the same digest app.py checks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_NAME = "experts_report.SAMPLE: 12 short paragraphs on science, economics, history, maths and study skills"

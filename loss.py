@@ -157,3 +157,48 @@ class ChunkedCrossEntropy:
         if getattr(self, name) is None or getattr(self, name).numel() < needed:
             setattr(self, name, torch.empty(needed))
         return getattr(self, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation: train.py --distill-from
+
+
+def load_teacher(path: str, vocab_size: int, device: torch.device):
+    """The --distill-from model, frozen in eval mode: a transformers causal LM (directory or hub id) or a .gguf file
+    (read by transformers; needs the `gguf` package). Its vocabulary must be the student's, token for token."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    from config import ConfigError
+
+    try:
+        if path.endswith(".gguf"):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no such file: {path}")
+            folder, name = os.path.split(os.path.abspath(path))
+            teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        else:
+            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as err:
+        raise ConfigError(f"--distill-from {path}: cannot load the teacher ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    size = teacher.get_output_embeddings().weight.shape[0]
+    if size != vocab_size:
+        raise ConfigError(f"--distill-from {path}: the teacher's vocabulary has {size} tokens, the model's "
+                          f"{vocab_size}: distillation needs the same vocabulary")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def distillation_loss(teacher, kl_weight: float):
+    """A train_step loss_fn: the model's loss with the teacher's next-token distributions mixed in (SoftTargets: the
+    teacher's final hidden states and lm_head, so its [tokens, vocab] logits are formed chunk by chunk)."""
+
+    def loss_fn(model, x, y):
+        with torch.no_grad():
+            hidden = teacher.base_model(input_ids=x).last_hidden_state
+        soft = SoftTargets(hidden.reshape(-1, hidden.shape[-1]), teacher.get_output_embeddings().weight, kl_weight)
+        return model(x, y, teacher=soft)[1]
+
+    return loss_fn

@@ -8,9 +8,9 @@ Hugging Face `deepseek_v3` format, so `transformers.AutoModelForCausalLM` loads 
     model = SmolLM2DeepSeek(ModelConfig.from_yaml("config_smollm2_135.yaml"))
     logits = model(input_ids)                      # [B, T, V]
     _, loss = model(input_ids, targets=targets)    # chunked cross-entropy, no [B, T, V] tensor kept
-    for tok in model.generate(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50, return_routing=True): ...
 
-Generation (sampling, the decode loop, compiled decoding) lives in generate.py, the chunked training loss in loss.py,
+Generation (sampling, the decode loop, compiled decoding) lives in generate.py, which builds on this module and is
+called as `generate(model, prompt_ids, ...)` (this module never imports it), the chunked training loss in loss.py,
 config parsing in config.py. Paths are chosen by explicit arguments: `attn_impl` ("naive" expands the latents into
 per-head keys and values; "absorb" attends over the latents themselves) and `expert_impl` (how tokens reach experts).
 
@@ -499,13 +499,6 @@ class SmolLM2DeepSeek(nn.Module):
         active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
         return {"total": total, "active": active, "routed_expert": routed,
                 "kv_cache_values_per_token_per_layer": cfg.kv_cache_values_per_token}
-
-    # -- generation ----------------------------------------------------------------------------------------------
-    def generate(self, prompt_ids, max_new_tokens: int = 64, **kwargs):
-        """Stream tokens after prompt_ids: generate.generate(self, ...) (see generate.Decoder.stream)."""
-        from generate import generate  # generate.py builds on this module
-
-        return generate(self, prompt_ids, max_new_tokens, **kwargs)
 
     # -- Hugging Face format -------------------------------------------------------------------------------------
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -90,9 +90,9 @@ def main():
     import socket
 
     import app
-    import generate
+    import serve
 
-    engine = generate.Engine(args.model_dir, workers=1, max_waiting=args.max_waiting)
+    engine = serve.Engine(args.model_dir, workers=1, max_waiting=args.max_waiting)
     demo = app.build_demo(engine=engine)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +104,7 @@ def main():
     try:
         one_round(url, 1, 8, args.prompt)  # warm-up
         for workers in args.workers:
-            engine.admission = generate.Admission(workers, args.max_waiting)
+            engine.admission = serve.Admission(workers, args.max_waiting)
             for users in args.users:
                 row = {"workers": workers, **one_round(url, users, args.tokens, args.prompt)}
                 rows.append(row)
@@ -114,7 +114,8 @@ def main():
                       f"busy {row['busy']}", flush=True)
     finally:
         demo.close()
-    out = {"model_dir": generate.display_path(args.model_dir), "tokens_per_call": args.tokens, "prompt": args.prompt,
+    out = {"command": " ".join(["python3", *sys.argv]), "model_dir": serve.display_path(args.model_dir),
+           "tokens_per_call": args.tokens, "prompt": args.prompt,
            "temperature": 0.8, "top_k": 50, "weights_dtype": engine.dtype_name, "cpu_count": os.cpu_count(),
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
            "note": "2-core machine shared with other engineers' jobs: see the load averages", "rows": rows}

@@ -9,7 +9,8 @@ import tempfile
 import torch
 
 from common import REFERENCE, best_time, matmul_peak_gflops, ours, transformers_twin
-from train import TrainConfig, build_optimizer, train_step
+from config import TrainConfig
+from train import build_optimizer, train_step
 
 
 def hf_loss(model, x, y):

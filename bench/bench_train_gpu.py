@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ModelConfig, read_yaml  # noqa: E402
 from model import SmolLM2DeepSeek  # noqa: E402
-from train import TrainConfig, autocast_dtype, build_optimizer, gemm_peak_tflops, train_step  # noqa: E402
+from config import TrainConfig  # noqa: E402
+from train import autocast_dtype, build_optimizer, gemm_peak_tflops, train_step  # noqa: E402
 
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96, moe_intermediate_size=32,
@@ -149,7 +150,8 @@ def main():
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    result = {"command": " ".join(["python3", *sys.argv]),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "config": "tiny" if args.tiny else args.config,
               "batch": [args.batch, seq], "autocast": str(amp_dtype), "gemm_peak_tflops": peak, "models": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import TrainConfig  # noqa: E402
+from data import build_data, load_tokenizer  # noqa: E402
 from model import SmolLM2DeepSeek  # noqa: E402
-from train import (TrainConfig, build_data, build_optimizer, load_configs, load_tokenizer, lr_at,  # noqa: E402
-                   model_loss, train_step)
+from train import build_optimizer, load_configs, lr_at, model_loss, train_step  # noqa: E402
 
 
 def dense_twin(ours: SmolLM2DeepSeek, kv_heads: int):
@@ -128,6 +129,7 @@ def main():
         batches, val = build_data(data_args, cfg, tokenizer, 0, 1)  # same windows, same order for both
         results[name] = train_one(name, model, loss_fn, cfg, batches, val, log)
     summary = {
+        "command": " ".join(["python3", *sys.argv]),
         "steps": cfg.steps, "tokens": results["moe"][-1]["tokens"],
         "moe": {"total_params": counts["total"], "active_params": counts["active"],
                 "val_loss": results["moe"][-1]["val_loss"], "curve": results["moe"]},

@@ -8,7 +8,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import ModelConfig, SmolLM2DeepSeek
-from train import TrainConfig, build_optimizer, train_step
+from config import TrainConfig
+from train import build_optimizer, train_step
 
 
 def main():

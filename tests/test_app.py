@@ -22,7 +22,8 @@ if not HAVE_TOKENIZER:
     pytest.skip(f"the SmolLM2 tokenizer is missing at {os.path.abspath(TOKENIZER_DIR)}", allow_module_level=True)
 
 import app  # noqa: E402
-import generate  # noqa: E402
+import serve as serving  # noqa: E402  (test_app.serve() starts a server)
+from generate import generate  # noqa: E402
 
 CONTEXT = TINY["max_position_embeddings"]
 LIMIT = CONTEXT // 2  # the app's max new tokens for this context
@@ -193,7 +194,7 @@ def test_concurrent_clients_get_their_own_routing(server, checkpoint, tokenizer)
     expected = {}
     for p in prompts:
         ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        steps = list(model.generate(ids, max_new_tokens=10, temperature=0, return_routing=True))
+        steps = list(generate(model, ids, max_new_tokens=10, temperature=0, return_routing=True))
         expected[p] = [(s.token_id, [(layer, sorted(e)) for layer, e, _ in s.routing]) for s in steps]
     results, errors = {}, []
 
@@ -257,23 +258,6 @@ def test_layer_selection_recolours(server):
     assert "Generate some text" in streams.select_layer(MOE_LAYERS[0], None)
 
 
-def test_incremental_decoding_hides_special_tokens_and_partial_characters(tokenizer):
-    special = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert special not in (None, tokenizer.unk_token_id)
-    ids = (tokenizer("Größe: 🙂 日本語", add_special_tokens=False)["input_ids"] + [special]
-           + tokenizer(" naïve café", add_special_tokens=False)["input_ids"] + [0])
-    assembler = generate.TextAssembler(tokenizer)
-    pieces, texts = [], []
-    for i in ids:
-        pieces.append(assembler.add(i))
-        texts.append(assembler.text)
-        assert "\ufffd" not in assembler.text and "<|" not in assembler.text
-    final = assembler.final()
-    assert final == "Größe: 🙂 日本語 naïve café"
-    assert "".join(pieces) == final and texts[-1] == final
-    assert "" in pieces  # some token only carried part of a character (shown with the next one)
-
-
 @pytest.mark.parametrize("breakage,message", [
     ("missing", "no config.json"),
     ("bad-json", "not valid JSON"),
@@ -305,33 +289,6 @@ def test_broken_checkpoint_gives_an_error_page(tmp_path, checkpoint, breakage, m
         assert "Honest limits" in component(demo, "about-text")["value"]
     finally:
         demo.close()
-
-
-def test_model_repo_download_and_offline_fallback(monkeypatch, tmp_path):
-    import huggingface_hub
-
-    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "local"))
-    monkeypatch.delenv("MODEL_REPO", raising=False)
-    assert app.resolve_model_dir() == (str(tmp_path / "local"), None)
-    assert app.resolve_model_dir("explicit") == ("explicit", None)
-    monkeypatch.setenv("MODEL_REPO", "someone/smollm2-deepseek")
-    calls = []
-
-    def offline(repo_id, **kwargs):
-        calls.append(repo_id)
-        raise OSError("offline")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    path, note = app.resolve_model_dir()
-    assert calls == ["someone/smollm2-deepseek"]
-    assert path == str(tmp_path / "local") and "Could not download" in note and "OSError" in note
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo_id, **kw: calls.append(kw.get("revision")) or str(tmp_path / "snap"))
-    path, note = app.resolve_model_dir()
-    assert path == str(tmp_path / "snap") and "someone/smollm2-deepseek" in note and "MODEL_REVISION" in note
-    monkeypatch.setenv("MODEL_REVISION", "0123abcd")  # a pinned revision is what gets downloaded
-    path, note = app.resolve_model_dir()
-    assert calls[-2:] == [None, "0123abcd"] and "revision `0123abcd`" in note
 
 
 class Request:
@@ -466,7 +423,7 @@ def test_busy_and_waiting_visitors_are_told(server, monkeypatch):
     demo, url = server
     engine = demo.engine
     saved, tokens = engine.admission, engine.tokens
-    engine.admission = generate.Admission(workers=1, max_waiting=1)
+    engine.admission = serving.Admission(workers=1, max_waiting=1)
 
     def slow_tokens(ids, settings):  # the tiny model is too quick to queue behind
         for step in tokens(ids, settings):
@@ -515,27 +472,6 @@ def test_chat_endpoint_streams_a_reply_with_routing(client, tokenizer):
     assert data2["prompt_tokens"] > data["prompt_tokens"]
 
 
-def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(server, tokenizer):
-    engine = server[0].engine
-    history = []
-    for i in range(6):
-        history += [{"role": "user", "content": f"question {i} " + "word " * 8},
-                    {"role": "assistant", "content": f"answer {i}"}]
-    notes = []
-    ids = engine.chat_prompt(history[:2], "last one", 8, notes)
-    text = tokenizer.decode(ids)
-    assert text == (generate.CHAT_PREAMBLE + "\n\nUser: question 0 " + "word " * 7 + "word\nAssistant: answer 0"
-                    "\nUser: last one\nAssistant:")
-    assert not notes
-    ids = engine.chat_prompt(history, "last one", 8, notes)
-    text = tokenizer.decode(ids)
-    assert len(ids) <= CONTEXT - 8 and text.endswith("\nUser: last one\nAssistant:")
-    assert "question 5" in text and "question 0" not in text  # the oldest turns went first
-    assert any("oldest exchange" in n for n in notes)
-    kept = [i for i in range(6) if f"question {i}" in text]
-    assert kept == list(range(kept[0], 6))  # a contiguous run of the newest turns
-
-
 def test_chat_reply_stops_at_the_next_user_turn(server, monkeypatch):
     """The reply ends where the model starts the visitor's next turn; its routing keeps only the reply's tokens."""
     streams = server[0].streams
@@ -543,7 +479,7 @@ def test_chat_reply_stops_at_the_next_user_turn(server, monkeypatch):
     pieces = ["Plants", " need", " light", ".", "\n", "User", ":", " more"]
 
     def fake_tokens(ids, settings):
-        assembler = generate.TextAssembler(engine.tokenizer)
+        assembler = serving.TextAssembler(engine.tokenizer)
         for piece in pieces:
             token_id = engine.tokenizer(piece, add_special_tokens=False)["input_ids"][0]
             assembler.ids.append(token_id)
@@ -567,9 +503,9 @@ def test_dtype_follows_the_probe(monkeypatch, checkpoint):
     """bf16 weights only where the start-up probe measured bf16 faster; the About tab says which and why."""
     for fast, slow, expected in [(torch.bfloat16, torch.float32, torch.bfloat16),
                                  (torch.float32, torch.bfloat16, torch.float32)]:
-        monkeypatch.setattr(generate, "gemm_seconds",
+        monkeypatch.setattr(serving, "gemm_seconds",
                             lambda dtype, rows, hidden, cols, f=fast: 1e-4 * rows if dtype == f else 1e-2 * rows)
-        engine = generate.Engine(checkpoint)
+        engine = serving.Engine(checkpoint)
         assert engine.dtype_probe["dtype"] == expected and engine.model.lm_head.weight.dtype == expected
         assert engine.model.moe_layers[0].gate.e_score_correction_bias.dtype == torch.float32
         about = app.about_markdown(engine)
@@ -577,9 +513,9 @@ def test_dtype_follows_the_probe(monkeypatch, checkpoint):
         ids = engine.tokenizer("Cells", add_special_tokens=False)["input_ids"]
         assert len(list(engine.tokens(ids, dict(max_new=3, temperature=0.8, top_k=50)))) <= 3
     # a tie (or a small bf16 edge) keeps fp32
-    monkeypatch.setattr(generate, "gemm_seconds", lambda dtype, rows, hidden, cols: 1e-3 if dtype == torch.float32
+    monkeypatch.setattr(serving, "gemm_seconds", lambda dtype, rows, hidden, cols: 1e-3 if dtype == torch.float32
                         else 0.9e-3)
-    assert generate.probe_dtype(64, 49152)["dtype"] == torch.float32
+    assert serving.probe_dtype(64, 49152)["dtype"] == torch.float32
 
 
 def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
@@ -591,7 +527,7 @@ def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
     shutil.copytree(checkpoint, ckpt)
     out = experts_report.write_report(str(ckpt), top=5)
     report = json.load(open(out))
-    assert report["weights_sha256"] == generate.weights_sha256(str(ckpt))
+    assert report["weights_sha256"] == serving.weights_sha256(str(ckpt))
     assert [entry["layer"] for entry in report["layers"]] == MOE_LAYERS
     for entry in report["layers"]:
         experts = entry["experts"]
@@ -626,4 +562,4 @@ def test_shipped_experts_report_matches_the_shipped_weights():
     if not os.path.isfile(os.path.join(final, "model.safetensors")):
         pytest.skip("no shipped checkpoint")
     report = json.load(open(os.path.join(final, app.EXPERTS_JSON)))
-    assert report["weights_sha256"] == generate.weights_sha256(final), "stale: run python experts_report.py"
+    assert report["weights_sha256"] == serving.weights_sha256(final), "stale: run python experts_report.py"

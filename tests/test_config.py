@@ -68,7 +68,7 @@ def test_hf_dict_round_trip():
 def test_space_config_is_sized_for_the_corpus():
     """config_space.yaml: the 51.3M (32.7M active) candidate, its run 3-5 passes over the 11.34M-token corpus."""
     from config import read_yaml, dataclass_from_dict
-    from train import TrainConfig
+    from config import TrainConfig
 
     data = read_yaml(os.path.join(ROOT, "config_space.yaml"))
     model_cfg = ModelConfig.from_dict(data["model"])

@@ -1,13 +1,12 @@
 """The trainer under faults and bad input: a diverging run stops and publishes nothing, --out is a run directory
 and publishing is explicit, a fresh start keeps the old history aside, resume refuses changed settings, bad inputs
-are one clear line, and the token cache is bounded. Tiny config, CPU, a few steps; most runs are in-process
+are one clear line. Tiny config, CPU, a few steps; most runs are in-process
 (train.cli, the command line's entry point) to stay fast."""
 import json
 import math
 import os
 import subprocess
 
-import numpy as np
 import pytest
 import torch
 
@@ -194,29 +193,6 @@ def test_kill_before_the_first_checkpoint_does_not_duplicate_steps(trainer, tmp_
     assert "previous-" in err and (aside / "metrics.jsonl").read_text().startswith('{"step": 1')
 
 
-def test_truncate_metrics_rewrites_whole_files_and_drops_cut_lines(tmp_path):
-    import train
-
-    rows = "".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6))
-    (tmp_path / "metrics.jsonl").write_text(rows + '{"step": 6, "lo')
-    (tmp_path / "samples.jsonl").write_text('{"step": 3, "text": "a"}\n{"step": 6, "text": "b"}\n{"step"')
-    train.truncate_metrics(str(tmp_path), 3)
-    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-    assert [r["step"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [3]
-    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "samples.jsonl"]
-
-
-def test_interrupted_replace_of_final_is_undone(tmp_path):
-    import train
-
-    (tmp_path / "final.old").mkdir()  # killed between renaming final away and renaming the new one in
-    (tmp_path / "final.old" / "model.safetensors").write_text("the published model")
-    (tmp_path / "final.tmp").mkdir()
-    train.clean_stale(str(tmp_path), log=lambda msg: None)
-    assert (tmp_path / "final" / "model.safetensors").read_text() == "the published model"
-    assert sorted(os.listdir(tmp_path)) == ["final"]
-
-
 def test_resume_refuses_changed_settings_and_names_them(trainer, tmp_path):
     out = tmp_path / "changed"
     base = ["--steps", "3", "--extra-steps", "0"]
@@ -294,28 +270,3 @@ def test_nothing_to_train_is_one_line(trainer, tmp_path):
     code, err = trainer(tmp_path / "out", "--steps", "0", "--extra-steps", "0")
     assert code == 2 and err.strip().count("\n") == 0, err
     assert "nothing to train" in err and "step_0" not in err
-
-
-# -- the token cache -----------------------------------------------------------------------------------------------
-
-
-def test_token_cache_keeps_the_most_recently_used_files(train_data, tmp_path, monkeypatch, tokenizer):
-    import train
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cache = tmp_path / "smollm2-deepseek"
-    cache.mkdir()
-    for i in range(5):  # tokens-0 is the most recently used
-        path = cache / f"tokens-{i}.npy"
-        np.save(path, np.zeros(10, dtype=np.uint16))
-        os.utime(path, (1e9 - i * 100, 1e9 - i * 100))
-    np.save(cache / "tokens-x.123.tmp.npy", np.zeros(1))  # left by a kill long ago
-    os.utime(cache / "tokens-x.123.tmp.npy", (1e9, 1e9))
-    monkeypatch.setattr(train, "TOKEN_CACHE_MAX_FILES", 3)
-    tokens = train.tokenize_files([str(train_data / "val.jsonl")], tokenizer)
-    assert len(tokens) > 100
-    names = sorted(os.listdir(cache))
-    assert len(names) == 3 and "tokens-0.npy" in names and "tokens-1.npy" in names, names
-    monkeypatch.setattr(train, "TOKEN_CACHE_MAX_BYTES", 1)  # a size cap below one file keeps only the new one
-    train.tokenize_files([str(train_data / "val.jsonl"), str(train_data / "val.jsonl")], tokenizer)
-    assert len(os.listdir(cache)) == 1

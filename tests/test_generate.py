@@ -1,14 +1,17 @@
 """generate.py: greedy decoding equals the full forward's argmax on every path (naive/absorbed attention, eager/
 compiled steps, after optimizer steps), sampling stays within top-k, and bad arguments are named."""
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import TINY, spread_model, tiny_config
+from conftest import ROOT, TINY, spread_model, tiny_config
 from generate import Decoder, generate
 from model import LatentCache, SmolLM2DeepSeek
-from train import TrainConfig, build_optimizer
+from config import TrainConfig
+from train import build_optimizer
 
 
 def greedy_matches_forward(model, prompt, tokens) -> bool:
@@ -33,9 +36,16 @@ def test_generate_greedy_matches_argmax_of_full_forward_and_reports_routing():
         for _, experts, weights in tok.routing:
             assert len(experts) == 2 and len(set(experts)) == 2 and all(0 <= e < 8 for e in experts)
             assert sum(weights) == pytest.approx(1.0, abs=1e-5)  # norm_topk_prob with scaling 1
-    # the model's own generate() is the same loop
-    assert [t.token_id for t in model.generate(prompt, 6, temperature=0, eos_token_id=None)] == \
+    # the one decode loop: generate() is Decoder(model).stream()
+    assert [t.token_id for t in Decoder(model).stream(prompt, 6, temperature=0, eos_token_id=None)] == \
         [t.token_id for t in out]
+
+
+def test_model_does_not_import_generate():
+    """generate.py builds on model.py, never the other way round: no import circle."""
+    code = "import sys, model; assert 'generate' not in sys.modules, 'model.py imported generate.py'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("new_tokens", [5, 20])  # below and above the length where the head is copied

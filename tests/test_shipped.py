@@ -52,15 +52,15 @@ def test_shipped_model_reproduces_its_recorded_validation_loss(tmp_path, monkeyp
     """The weights are the ones the training record describes: the validation batches the run evaluated (its
     config's batch, length and eval_batches over val.jsonl) give the val_loss of training_summary.json. A different
     or damaged checkpoint, or one evaluated differently, would not."""
+    import data
     import train
-    from config import read_yaml
-    from config import dataclass_from_dict
+    from config import TrainConfig, dataclass_from_dict, read_yaml
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # tokenize afresh, never a cached file
     summary = json.load(open(os.path.join(FINAL, "training_summary.json")))
-    cfg = dataclass_from_dict(train.TrainConfig, read_yaml(os.path.join(ROOT, "config_cpu.yaml"))["train"], "train")
+    cfg = dataclass_from_dict(TrainConfig, read_yaml(os.path.join(ROOT, "config_cpu.yaml"))["train"], "train")
     model = SmolLM2DeepSeek.from_pretrained(FINAL)
-    tokenizer = train.load_tokenizer(FINAL)
-    tokens = train.tokenize_files([os.path.join(CORPUS_DIR, "val.jsonl")], tokenizer)
-    loss = train.evaluate(model, train.validation_batches(tokens, cfg), torch.device("cpu"), None)
+    tokenizer = data.load_tokenizer(FINAL)
+    tokens = data.tokenize_files([os.path.join(CORPUS_DIR, "val.jsonl")], tokenizer)
+    loss = train.evaluate(model, data.validation_batches(tokens, cfg), torch.device("cpu"), None)
     assert loss == pytest.approx(summary["val_loss"], abs=2e-3)

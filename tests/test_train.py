@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import (ROOT, TOKENIZER_DIR as TOKENIZER, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl,
-                      train_cmd, train_env)
+from conftest import ROOT, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl, train_cmd, train_env
 
 pytestmark = needs_corpus
 
@@ -179,29 +178,6 @@ def test_torchrun_two_ranks_keep_identical_bias(train_data, tmp_path):
     assert rows[-1]["tokens_seen"] == 3 * 2 * 2 * 2 * 32
 
 
-def test_streamed_hub_batches_resume_exactly(train_data):
-    """The hub path (no network here): the same packing over a local iterable dataset, resumed from its state."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    import train
-
-    docs = read_jsonl(train_data / "train.jsonl")[:20]
-    stream = Dataset.from_list(docs).to_iterable_dataset()
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    first = train.HubBatches(stream, tok, batch_size=2, seq_len=32, skip_docs=1)
-    seen = [first.next() for _ in range(3)]
-    state = first.state_dict()
-    expected = [first.next() for _ in range(2)]
-    again = train.HubBatches(stream, tok, batch_size=2, seq_len=32, skip_docs=0)
-    again.load_state_dict(state)
-    for (x, y), (ex, ey) in zip([again.next() for _ in range(2)], expected):
-        assert torch.equal(x, ex) and torch.equal(y, ey)
-    assert torch.equal(seen[0][0][0, 1:], seen[0][1][0, :-1])  # targets are the inputs shifted by one
-    ids = tok(docs[1]["text"], add_special_tokens=False)["input_ids"]
-    assert seen[0][0][0, :10].tolist() == ids[:10]  # skip_docs=1 skipped exactly the first document
-
-
 def test_init_from_starts_fresh_training_from_given_weights(train_data, reference_run, tmp_path):
     """--init-from DIR: DIR's weights (routing bias included) and config.json, a fresh optimizer/schedule/position;
     the YAML's model: section is not used; a killed run in the same --out resumes from its own checkpoints."""
@@ -244,11 +220,12 @@ def tiny_teacher(path, vocab_size=49152):
 
 def test_distillation_loss_is_ce_mixed_with_kl_to_the_teacher(tmp_path):
     """train.distillation_loss: (1 - w) CE + w KL(teacher || model), per token, against full logits written out."""
-    import train
+    from config import ConfigError
     from conftest import tiny_config
+    from loss import distillation_loss, load_teacher
     from model import SmolLM2DeepSeek
 
-    teacher = train.load_teacher(tiny_teacher(tmp_path / "teacher", vocab_size=97), 97, torch.device("cpu"))
+    teacher = load_teacher(tiny_teacher(tmp_path / "teacher", vocab_size=97), 97, torch.device("cpu"))
     torch.manual_seed(1)
     model = SmolLM2DeepSeek(tiny_config()).eval()
     x, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
@@ -257,12 +234,12 @@ def test_distillation_loss_is_ce_mixed_with_kl_to_the_teacher(tmp_path):
     ce = torch.nn.functional.nll_loss(log_q.view(-1, 97), y.view(-1))
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
     for w in (0.0, 0.5, 1.0):
-        got = train.distillation_loss(teacher, w)(model, x, y)
+        got = distillation_loss(teacher, w)(model, x, y)
         assert got.item() == pytest.approx(((1 - w) * ce + w * kl).item(), abs=1e-5), w
-    with pytest.raises(train.ConfigError, match="vocabulary has 97 tokens"):
-        train.load_teacher(str(tmp_path / "teacher"), 49152, torch.device("cpu"))
-    with pytest.raises(train.ConfigError, match="cannot load the teacher"):
-        train.load_teacher(str(tmp_path / "nowhere.gguf"), 97, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="vocabulary has 97 tokens"):
+        load_teacher(str(tmp_path / "teacher"), 49152, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="cannot load the teacher"):
+        load_teacher(str(tmp_path / "nowhere.gguf"), 97, torch.device("cpu"))
 
 
 def test_distill_from_trains_and_resumes_exactly(train_data, reference_run, tmp_path):

@@ -1,7 +1,7 @@
 """Long-context check: mean next-token loss by position bucket over packed 2048-token windows of val.jsonl.
 
-    OMP_NUM_THREADS=2 nice -n 19 python3 results/convert_smollm2/long_context.py --model ours:DIR --out X.json
-    OMP_NUM_THREADS=2 nice -n 19 python3 results/convert_smollm2/long_context.py --model gguf --out X.json
+    OMP_NUM_THREADS=2 nice -n 19 python3 scripts/convert_smollm2/long_context.py --model ours:DIR --out X.json
+    OMP_NUM_THREADS=2 nice -n 19 python3 scripts/convert_smollm2/long_context.py --model gguf --out X.json
 
 Packing: every document of val.jsonl tokenized (converted checkpoint's tokenizer, no special tokens), eos (id 0)
 appended after each, concatenated, cut into consecutive non-overlapping windows of 2049 tokens (2048 inputs +

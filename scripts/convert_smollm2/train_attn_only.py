@@ -1,7 +1,7 @@
 """train.py with only attention, norms and routers trainable (embedding/lm_head, dense FFN, shared and routed experts
 frozen): a probe of whether healing the converted model's attention alone recovers most of the loss. Same CLI as
 train.py; it wraps train.build_optimizer (no code change to train.py).
-    OMP_NUM_THREADS=2 nice -n 19 python3 results/convert_smollm2/train_attn_only.py <train.py arguments>
+    OMP_NUM_THREADS=2 nice -n 19 python3 scripts/convert_smollm2/train_attn_only.py <train.py arguments>
 """
 import os, sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,7 +1,7 @@
 """Write a small stand-in for train.jsonl that makes convert_smollm2.py pick exactly the same calibration tokens:
 all N lines kept (so random.Random(seed).shuffle gives the same order), the documents it calibrates on truncated to
 their first --chars characters (>= 256 tokens), every other document emptied. ~150 KB instead of 54 MB.
-    python3 results/convert_smollm2/calibration_subset.py ../shared/corpus/train.jsonl TOKENIZER_DIR OUT.jsonl
+    python3 scripts/convert_smollm2/calibration_subset.py ../shared/corpus/train.jsonl TOKENIZER_DIR OUT.jsonl
 """
 import json, os, random, sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,7 +1,7 @@
 """What happens when balancing moves the dense-equivalent init's routing: per-document val loss of a checkpoint
 with its e_score_correction_bias (a) as saved, (b) zeroed (routing by the learned router scores alone), (c) moved to
 the untouched copies (experts 1 and 5 get the +1 instead of 0 and 4).
-    OMP_NUM_THREADS=1 nice -n 19 python3 results/convert_smollm2/routing_shift.py DIR --out X.json
+    OMP_NUM_THREADS=1 nice -n 19 python3 scripts/convert_smollm2/routing_shift.py DIR --out X.json
 """
 import argparse, json, os, sys
 import torch

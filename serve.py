@@ -1,0 +1,432 @@
+"""The app's serving engine (no Gradio; app.py is the page around it), built on generate.py's decode loop.
+
+    from serve import Engine, resolve_model_dir
+    engine = Engine(resolve_model_dir()[0])          # weights in the dtype the start-up probe picks, tokenizer
+    settings, notes = engine.prepare("Photosynthesis is", 0.8, 50, 64)   # checked, clamped, each change explained
+    for token_id, piece, routing, text in engine.tokens(settings["ids"], settings): ...
+
+`Engine(model_dir)` loads weights and tokenizer in the dtype a start-up GEMM probe picks (`probe_dtype`), checks
+visitors' input (`prepare`, `check_settings`, `chat_prompt`), admits at most N streams at once (`Admission`) and
+streams tokens with their routing and the text so far (`Engine.tokens`, `TextAssembler`). Any load failure becomes
+`Engine.error`, a message for the page, never a traceback.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from collections import deque
+
+import torch
+
+from generate import generate
+from model import SmolLM2DeepSeek
+
+ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL_DIR = os.path.join(ROOT_DIR, "checkpoints", "final")
+CHAT_PREAMBLE = "A conversation between a curious User and a helpful Assistant who answers in plain sentences."
+
+SERVE_MAX_NEW_TOKENS = 512  # the app's cap; also at most half the context, so a prompt keeps the other half
+MAX_PROMPT_CHARS = 50_000  # longer prompts keep their end before tokenizing (the context holds far less anyway)
+MAX_TEMPERATURE = 2.0
+# bf16 must beat fp32 by this factor in the start-up probe to be chosen (bf16 also costs some accuracy)
+BF16_MIN_SPEEDUP = 1.2
+
+
+def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
+    """The checkpoint directory to load and a note about how it was found (None when nothing to say).
+
+    An explicit model_dir wins; otherwise MODEL_REPO is downloaded from the Hub if set, at MODEL_REVISION (a commit
+    hash, tag or branch: pin one so a push to the model repo cannot change a running Space under its visitors; any
+    failure, offline included, falls back to the local directory), else MODEL_DIR, else checkpoints/final here.
+    """
+    if model_dir:
+        return model_dir, None
+    local = os.environ.get("MODEL_DIR") or DEFAULT_MODEL_DIR
+    repo = os.environ.get("MODEL_REPO")
+    if not repo:
+        return local, None
+    revision = os.environ.get("MODEL_REVISION") or None
+    try:
+        from huggingface_hub import snapshot_download
+
+        where = f"`{repo}`" + (f" at revision `{revision}`" if revision else " (latest revision: set MODEL_REVISION "
+                                                                             "to pin one)")
+        return snapshot_download(repo_id=repo, revision=revision), f"Downloaded from the Hub repo {where}."
+    except Exception as err:  # offline, missing repo, no huggingface_hub...: serve the local copy instead
+        return local, f"Could not download `{repo}` from the Hub ({type(err).__name__}); using `{display_path(local)}`."
+
+
+def display_path(path: str) -> str:
+    """A checkpoint path fit to show visitors: relative to the app when inside it, else its last two parts (the
+    server's absolute layout is nobody's business)."""
+    full = os.path.abspath(path)
+    if full.startswith(ROOT_DIR + os.sep):
+        return os.path.relpath(full, ROOT_DIR)
+    return os.path.join(*full.split(os.sep)[-2:]) if full.count(os.sep) >= 2 else os.path.basename(full)
+
+
+def gemm_seconds(dtype: torch.dtype, rows: int, hidden: int, cols: int, repeats: int = 5) -> float:
+    """Fastest of `repeats` [rows, hidden] @ [hidden, cols] matmuls in `dtype`, on one thread (the fastest run and one
+    thread: other processes on a shared machine mostly add noise to both dtypes alike)."""
+    a = torch.randn(rows, hidden).to(dtype)
+    b = torch.randn(hidden, cols).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.mm(a, b)  # warm-up (first-call dispatch, page faults)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def probe_dtype(hidden: int, vocab: int) -> dict:
+    """Pick the weights' dtype for this CPU by measurement (~10 ms): a bf16 and an fp32 matmul of the model's width
+    against a 4096-column slice of the lm_head, for a 16-token prefill and for one decoded token, costed as the app's
+    work looks: one prefill + 16 decode steps. CPUs differ: without native bf16 a GEMM can run at ~1.5 GFLOP/s
+    against ~40 in fp32; with AVX-512 BF16 it is ~2.3x faster than fp32, yet its one-row GEMVs may still lose.
+    bf16 is chosen only when it wins by BF16_MIN_SPEEDUP."""
+    cols = min(vocab, 4096)
+    timing = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            timing[dtype] = (gemm_seconds(dtype, 16, hidden, cols), gemm_seconds(dtype, 1, hidden, cols))
+        except RuntimeError:  # a build without bf16 matmul on this CPU
+            timing[dtype] = (float("inf"), float("inf"))
+    cost = {dtype: prefill + 16 * step for dtype, (prefill, step) in timing.items()}
+    chosen = torch.bfloat16 if cost[torch.bfloat16] * BF16_MIN_SPEEDUP < cost[torch.float32] else torch.float32
+
+    def gflops(seconds, rows):
+        return 2 * rows * hidden * cols / seconds / 1e9 if 0 < seconds < float("inf") else 0.0
+
+    return {"dtype": chosen, "shape": f"[16 or 1, {hidden}] @ [{hidden}, {cols}]",
+            "fp32_gflops": gflops(timing[torch.float32][0], 16), "bf16_gflops": gflops(timing[torch.bfloat16][0], 16),
+            "fp32_gemv_gflops": gflops(timing[torch.float32][1], 1),
+            "bf16_gemv_gflops": gflops(timing[torch.bfloat16][1], 1),
+            "speedup_bf16": cost[torch.float32] / cost[torch.bfloat16] if cost[torch.bfloat16] > 0 else 0.0}
+
+
+def probe_summary(p: dict) -> str:
+    return (f"GEMM {p['shape']}: fp32 {p['fp32_gflops']:.1f} / {p['fp32_gemv_gflops']:.1f} GFLOP/s (16 rows / 1 row), "
+            f"bf16 {p['bf16_gflops']:.1f} / {p['bf16_gemv_gflops']:.1f}; bf16 {p['speedup_bf16']:.2f}x on prefill + "
+            "16 decode steps")
+
+
+def weights_sha256(model_dir: str) -> str:
+    """SHA-256 over the checkpoint's weight files (sorted by name): what a report computed from it is tied to."""
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def clean_text(text: str) -> tuple[str, int]:
+    """Lone UTF-16 surrogates (a browser can send "\\ud800") cannot be encoded, and the tokenizer rejects them with
+    an internal message: each becomes U+FFFD. Returns (text, how many were replaced); valid pairs are joined."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        return fixed, fixed.count("\ufffd") - text.count("\ufffd")
+
+
+class TextAssembler:
+    """Incremental decoding: the whole generated id list is decoded at every step (so a character split over
+    several byte tokens renders once complete) and each token is credited with the new text it completes.
+    Special tokens are skipped; trailing U+FFFD of an unfinished character is held back until the end."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        stable = self._decode().rstrip("\ufffd")
+        if stable.startswith(self.text):
+            piece = stable[len(self.text):]
+        else:  # the decoder rewrote earlier text (rare): credit this token with what differs from the common prefix
+            common = os.path.commonprefix([stable, self.text])
+            piece = stable[len(common):]
+        self.text = stable
+        return piece
+
+    def final(self) -> str:
+        return self._decode() if self.ids else ""
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+class Admission:
+    """At most `workers` streams run at once; up to `max_waiting` more wait in line (first come, first served), each
+    told its place and an estimate; beyond that a request is turned away at once with a 'busy' message."""
+
+    ADMITTED = "admitted"
+
+    def __init__(self, workers: int, max_waiting: int):
+        self.workers, self.max_waiting = workers, max_waiting
+        self.active = 0
+        self.turned_away = 0
+        self._line: list[object] = []
+        self._lock = threading.Lock()
+        self._durations: deque[float] = deque(maxlen=16)
+
+    def join(self):
+        """ADMITTED (run now), a ticket to poll (wait), or None (line full: busy)."""
+        with self._lock:
+            if self.active < self.workers and not self._line:
+                self.active += 1
+                return self.ADMITTED
+            if len(self._line) >= self.max_waiting:
+                self.turned_away += 1
+                return None
+            ticket = object()
+            self._line.append(ticket)
+            return ticket
+
+    def poll(self, ticket) -> int:
+        """0 once admitted (a running slot is then held), else the ticket's 1-based place in line."""
+        with self._lock:
+            if ticket is self.ADMITTED:
+                return 0
+            if self._line and self._line[0] is ticket and self.active < self.workers:
+                self._line.pop(0)
+                self.active += 1
+                return 0
+            return self._line.index(ticket) + 1
+
+    def cancel(self, ticket) -> None:
+        with self._lock:
+            if ticket in self._line:
+                self._line.remove(ticket)
+
+    def leave(self, seconds: float) -> None:
+        with self._lock:
+            self.active -= 1
+            self._durations.append(seconds)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    def estimate(self, place: int) -> float | None:
+        """Seconds until `place` in line starts: recent streams' median duration x the rounds ahead of it."""
+        if not self._durations:
+            return None
+        typical = statistics.median(self._durations)
+        return typical * math.ceil(place / self.workers)
+
+
+def number_arg(value, default, name, notes) -> float:
+    if value is None or value == "":
+        notes.append(f"⚠️ No {name} given: using {default}.")
+        return float(default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        notes.append(f"⚠️ {name.capitalize()} {str(value)[:40]!r} is not a number: using {default}.")
+        return float(default)
+    if not math.isfinite(number):
+        notes.append(f"⚠️ {name.capitalize()} {str(value)[:40]!r} is not a finite number: using {default}.")
+        return float(default)
+    return number
+
+
+class Engine:
+    """The loaded model and tokenizer (or why they could not be loaded), input checks and the streaming
+    generation with routing capture. Per-session state (Stop presses, running streams) is keyed by session id."""
+
+    def __init__(self, model_dir: str, note: str | None = None, workers: int = 2, max_waiting: int = 16):
+        self.model_dir = model_dir
+        self.note = note
+        self.model = None
+        self.tokenizer = None
+        self.error = None
+        self.dtype_probe = None
+        self.weights_hash = None
+        self.admission = Admission(workers, max_waiting)
+        self.streams_started = 0  # counted for tests and the bench
+        self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
+        self.running: dict[str, str] = {}  # session -> the kind of its stream ("generate" / "chat")
+        try:
+            with open(os.path.join(model_dir, "config.json")) as f:
+                hf = json.load(f)
+            self.dtype_probe = probe_dtype(int(hf.get("hidden_size", 576)), int(hf.get("vocab_size", 49152)))
+        except (OSError, ValueError, TypeError):
+            pass  # the load below names the problem
+        dtype = self.dtype_probe["dtype"] if self.dtype_probe else torch.float32
+        try:
+            self.model = SmolLM2DeepSeek.from_pretrained(model_dir, dtype=dtype, device="cpu")
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            if len(self.tokenizer) > self.model.config.vocab_size:
+                raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary only "
+                                 f"{self.model.config.vocab_size}: they do not belong together")
+            self.weights_hash = weights_sha256(model_dir)
+        except Exception as err:  # any load failure becomes a message on the page, never a traceback
+            self.model, self.tokenizer = None, None
+            self.error = f"{type(err).__name__}: {err}".replace(os.path.abspath(model_dir), display_path(model_dir))
+        if self.model is not None:
+            cfg = self.model.config
+            self.moe_layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+            self.max_new_limit = max(1, min(SERVE_MAX_NEW_TOKENS, cfg.max_position_embeddings // 2))
+            self.user_ids = self.tokenizer("User:", add_special_tokens=False)["input_ids"]
+        else:
+            self.moe_layers, self.max_new_limit = [], SERVE_MAX_NEW_TOKENS
+        if self.dtype_probe:
+            p = self.dtype_probe
+            print(f"[app] dtype probe: {probe_summary(p)} -> weights in {str(p['dtype']).replace('torch.', '')}",
+                  flush=True)
+
+    @property
+    def ok(self) -> bool:
+        return self.model is not None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.model.lm_head.weight.dtype).replace("torch.", "") if self.ok else "n/a"
+
+    # -- input validation ----------------------------------------------------------------------------------------
+    def check_settings(self, temperature, top_k, max_new_tokens) -> tuple[dict, list[str]]:
+        """Clamp and normalise the sampling settings; every change is explained in the returned notes."""
+        notes = []
+        vocab = self.model.config.vocab_size
+        temperature = number_arg(temperature, 0.8, "temperature", notes)
+        if temperature < 0:
+            notes.append(f"⚠️ Temperature {temperature:g} is negative: using 0 (greedy).")
+            temperature = 0.0
+        elif temperature > MAX_TEMPERATURE:
+            notes.append(f"⚠️ Temperature {temperature:g} is above {MAX_TEMPERATURE:g}: clamped to "
+                         f"{MAX_TEMPERATURE:g}.")
+            temperature = MAX_TEMPERATURE
+        k = number_arg(top_k, 0, "top-k", notes)
+        if k < 0:
+            notes.append(f"⚠️ Top-k {k:g} is negative: treated as no top-k filter.")
+            k = 0
+        elif round(k) == 0:
+            notes.append("ℹ️ Top-k 0: no top-k filter (sampling from the whole vocabulary).")
+        elif k >= vocab:
+            notes.append(f"⚠️ Top-k {k:g} is not below the vocabulary size ({vocab}): treated as no top-k filter.")
+            k = 0
+        if temperature == 0:
+            notes.append("ℹ️ Temperature 0: greedy decoding (always the most likely token; top-k has no effect).")
+        n = number_arg(max_new_tokens, 64, "max new tokens", notes)
+        if n < 1:
+            notes.append(f"⚠️ Max new tokens {n:g} is below 1: using 1.")
+            n = 1
+        elif n > self.max_new_limit:
+            notes.append(f"⚠️ Max new tokens {n:g} is above this app's limit of {self.max_new_limit}: "
+                         f"clamped to {self.max_new_limit}.")
+            n = self.max_new_limit
+        return dict(temperature=temperature, top_k=int(round(k)), max_new=max(1, int(round(n)))), notes
+
+    def encode(self, text: str, notes: list[str]) -> list[int] | None:
+        """Token ids of a visitor's text (None when it cannot be tokenized; the reason goes to notes)."""
+        text, replaced = clean_text(text)
+        if replaced:
+            notes.append(f"⚠️ The text had {replaced} invalid character{'s' if replaced > 1 else ''} (a lone UTF-16 "
+                         "surrogate, which is not text): replaced with �.")
+        try:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as err:  # never show the tokenizer's internals
+            notes.append(f"⚠️ **The text could not be tokenized** ({type(err).__name__}); try plain text.")
+            return None
+
+    def prepare(self, prompt, temperature, top_k, max_new_tokens):
+        """Check and normalise a completion request. Returns (settings dict or None when nothing can run, notes)."""
+        prompt = "" if prompt is None else str(prompt)
+        if not prompt.strip():
+            return None, ["⚠️ **Empty prompt**: type some text to continue (the model continues text; it does not "
+                          "answer questions)."]
+        settings, notes = self.check_settings(temperature, top_k, max_new_tokens)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            prompt = prompt[-MAX_PROMPT_CHARS:]
+        ids = self.encode(prompt, notes)
+        if ids is None:
+            return None, notes
+        if not ids:
+            return None, notes + ["⚠️ **Empty prompt**: the prompt has no tokens."]
+        context = self.model.config.max_position_embeddings
+        keep = context - settings["max_new"]
+        if len(ids) > keep:
+            notes.append(f"⚠️ **Long prompt truncated**: it has {len(ids)} tokens, but prompt + {settings['max_new']} "
+                         f"new tokens must fit the {context}-token context, so only its last {keep} tokens were kept.")
+            ids = ids[-keep:]
+        settings["ids"] = ids
+        return settings, notes
+
+    def chat_prompt(self, history: list[dict], message: str, max_new: int, notes: list[str]) -> list[int] | None:
+        """The conversation as plain text a base model can continue, as token ids:
+
+            <CHAT_PREAMBLE>\\n\\nUser: ...\\nAssistant: ...\\nUser: <message>\\nAssistant:
+
+        Oldest turns are dropped until it fits the context with room for max_new tokens (the newest message is
+        cut from its start if it alone is too long)."""
+        def encode(text):
+            return self.encode(text, notes)
+
+        head = encode(CHAT_PREAMBLE + "\n")
+        last = encode(f"\nUser: {message.strip()}\nAssistant:")
+        if head is None or last is None:
+            return None
+        turns = []  # (user, assistant) pairs, oldest first
+        pending = None
+        for m in history:
+            if m["role"] == "user":
+                pending = m["content"]
+            elif m["role"] == "assistant" and pending is not None:
+                turns.append(encode(f"\nUser: {pending.strip()}\nAssistant: {m['content'].strip()}") or [])
+                pending = None
+        budget = self.model.config.max_position_embeddings - max_new - len(head) - len(last)
+        kept = []
+        for ids in reversed(turns):
+            if len(ids) > budget:
+                break
+            kept.insert(0, ids)
+            budget -= len(ids)
+        if len(kept) < len(turns):
+            dropped = len(turns) - len(kept)
+            notes.append(f"ℹ️ The {dropped} oldest exchange{'s' if dropped > 1 else ''} no longer fit the "
+                         f"{self.model.config.max_position_embeddings}-token context and "
+                         f"{'were' if dropped > 1 else 'was'} left out of the prompt.")
+        if budget < 0:  # the new message alone is too long: keep its end
+            notes.append("⚠️ **Long message truncated**: only its end fits the context.")
+            last = last[-budget:]
+        return head + [t for ids in kept for t in ids] + last
+
+    # -- streaming -----------------------------------------------------------------------------------------------
+    def tokens(self, ids: list[int], settings: dict):
+        """Stream (token id, text piece, routing, assembler) per new token; routing has one dict per MoE layer {"layer",
+        "experts", "weights"}, highest weight first; the assembler holds the text so far (its .text, .final())."""
+        gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
+                       top_k=settings["top_k"], return_routing=True)
+        text = TextAssembler(self.tokenizer)
+        try:
+            for step in gen:
+                piece = text.add(step.token_id)
+                routing = []
+                for layer_idx, experts, weights in step.routing or []:
+                    pairs = sorted(zip(experts, weights), key=lambda p: -p[1])
+                    routing.append({"layer": layer_idx, "experts": [int(e) for e, _ in pairs],
+                                    "weights": [round(float(w), 4) for _, w in pairs]})
+                yield step.token_id, piece, routing, text
+        finally:
+            gen.close()
