@@ -211,7 +211,8 @@ class Streams:
                     return
                 yield len(data["tokens"])
             if len(data["tokens"]) < settings["max_new"]:
-                outcome.reason = "stopped at the end-of-text token"
+                outcome.reason = ("stopped at the end of the model's turn" if "stop" in settings
+                                  else "stopped at the end-of-text token")
         except Exception as err:
             outcome.error = f"⚠️ **Generation failed**: {type(err).__name__}: {err}"
         finally:
@@ -261,6 +262,8 @@ class Streams:
         settings, notes = engine.check_settings(temperature, top_k, max_new_tokens)
         message = message[-MAX_PROMPT_CHARS:]
         ids = engine.chat_prompt(history, message, settings["max_new"], notes)  # notes any invalid characters
+        if engine.end_of_turn is not None:  # a chat model's reply ends at its end-of-turn token (or end of text)
+            settings["stop"] = (engine.model.config.eos_token_id, engine.end_of_turn)
         message = clean_text(message)[0]
         if ids is None:
             yield history, "\n\n".join(notes), gr.skip(), gr.skip()

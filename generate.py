@@ -126,12 +126,12 @@ class Decoder:
 
     @torch.inference_mode()
     def stream(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-               eos_token_id: int | None = -1, return_routing: bool = False,
+               eos_token_id: int | tuple | None = -1, return_routing: bool = False,
                generator: torch.Generator | None = None) -> Iterator[GeneratedToken]:
         """Stream up to max_new_tokens tokens after prompt_ids (a list of ints, a [T] or [1, T] tensor).
 
         temperature 0 = greedy; top_k 0 (or >= vocab) = no top-k filter; stops after eos (not yielded; -1 = the
-        config's eos, None = never). Steps that capture routing run eagerly (the compiled step does not record it).
+        config's eos, None = never, a tuple = any of these ids, e.g. a chat model's end of turn). Steps that capture routing run eagerly (the compiled step does not record it).
         """
         model, cfg = self.model, self.model.config
         ids = check_prompt(prompt_ids, cfg.vocab_size)
@@ -140,6 +140,7 @@ class Decoder:
             raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
                              f"{cfg.max_position_embeddings} tokens")
         eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+        stops = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         was_training = model.training
         model.eval()
         device = model.lm_head.weight.device
@@ -161,7 +162,7 @@ class Decoder:
                                             expert_impl="sorted" if prefill else "direct")
                 logits = (h[0, -1] @ head).float()  # [V]
                 token = sample_token(logits, temperature, top_k, generator)
-                if eos is not None and token == eos:
+                if token in stops:
                     return
                 routing = None
                 if return_routing:

@@ -288,7 +288,10 @@ class Engine:
             cfg = self.model.config
             self.moe_layers = list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
             self.max_new_limit = max(1, min(SERVE_MAX_NEW_TOKENS, cfg.max_position_embeddings // 2))
-            self.user_ids = self.tokenizer("User:", add_special_tokens=False)["input_ids"]
+            # a chat model (its tokenizer has a chat template) gets its own turn format and ends a reply at its
+            # end-of-turn token; a base model continues the plain transcript
+            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if self.tokenizer.chat_template else None
+            self.end_of_turn = end if isinstance(end, int) and end != self.tokenizer.unk_token_id else None
         else:
             self.moe_layers, self.max_new_limit = [], SERVE_MAX_NEW_TOKENS
         if self.dtype_probe:
@@ -374,50 +377,61 @@ class Engine:
         return settings, notes
 
     def chat_prompt(self, history: list[dict], message: str, max_new: int, notes: list[str]) -> list[int] | None:
-        """The conversation as plain text a base model can continue, as token ids:
+        """The conversation as token ids. A chat model's (end_of_turn set): its tokenizer's chat template, ending
+        with the assistant's turn opened. Otherwise plain text a base model can continue:
 
             <CHAT_PREAMBLE>\\n\\nUser: ...\\nAssistant: ...\\nUser: <message>\\nAssistant:
 
-        Oldest turns are dropped until it fits the context with room for max_new tokens (the newest message is
+        Oldest exchanges are dropped until it fits the context with room for max_new tokens (the newest message is
         cut from its start if it alone is too long)."""
-        def encode(text):
-            return self.encode(text, notes)
-
-        head = encode(CHAT_PREAMBLE + "\n")
-        last = encode(f"\nUser: {message.strip()}\nAssistant:")
-        if head is None or last is None:
-            return None
-        turns = []  # (user, assistant) pairs, oldest first
+        exchanges = []  # (user, assistant) pairs, oldest first
         pending = None
         for m in history:
             if m["role"] == "user":
-                pending = m["content"]
+                pending = m["content"].strip()
             elif m["role"] == "assistant" and pending is not None:
-                turns.append(encode(f"\nUser: {pending.strip()}\nAssistant: {m['content'].strip()}") or [])
+                exchanges.append((pending, m["content"].strip()))
                 pending = None
-        budget = self.model.config.max_position_embeddings - max_new - len(head) - len(last)
-        kept = []
-        for ids in reversed(turns):
-            if len(ids) > budget:
+        if self.end_of_turn is not None:
+            def render(pairs, last: str) -> str:
+                messages = [{"role": r, "content": c} for user, reply in pairs
+                            for r, c in (("user", user), ("assistant", reply))]
+                return self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": last}],
+                                                          tokenize=False, add_generation_prompt=True)
+        else:
+            def render(pairs, last: str) -> str:
+                return CHAT_PREAMBLE + "\n" + "".join(f"\nUser: {u}\nAssistant: {a}" for u, a in pairs) + \
+                    f"\nUser: {last}\nAssistant:"
+        limit = self.model.config.max_position_embeddings - max_new
+        message = message.strip()
+        for kept in range(len(exchanges), -1, -1):  # the newest exchanges that fit
+            said = []  # what encoding noted (invalid characters), once, from the prompt that is used
+            ids = self.encode(render(exchanges[len(exchanges) - kept:], message), said)
+            if ids is None or len(ids) <= limit:
                 break
-            kept.insert(0, ids)
-            budget -= len(ids)
-        if len(kept) < len(turns):
-            dropped = len(turns) - len(kept)
+        notes += said
+        if ids is None:
+            return None
+        if kept < len(exchanges):
+            dropped = len(exchanges) - kept
             notes.append(f"ℹ️ The {dropped} oldest exchange{'s' if dropped > 1 else ''} no longer fit the "
                          f"{self.model.config.max_position_embeddings}-token context and "
                          f"{'were' if dropped > 1 else 'was'} left out of the prompt.")
-        if budget < 0:  # the new message alone is too long: keep its end
+        if len(ids) > limit:  # the new message alone is too long: keep its end, and the turn's frame around it
             notes.append("⚠️ **Long message truncated**: only its end fits the context.")
-            last = last[-budget:]
-        return head + [t for ids in kept for t in ids] + last
+            frame = self.encode(render([], ""), [])
+            body = self.encode(message, [])
+            keep = max(0, limit - len(frame))
+            cut = self.tokenizer.decode(body[len(body) - keep:]) if keep else ""
+            ids = self.encode(render([], cut), [])[-limit:]
+        return ids
 
     # -- streaming -----------------------------------------------------------------------------------------------
     def tokens(self, ids: list[int], settings: dict):
         """Stream (token id, text piece, routing, assembler) per new token; routing has one dict per MoE layer {"layer",
         "experts", "weights"}, highest weight first; the assembler holds the text so far (its .text, .final())."""
         gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
-                       top_k=settings["top_k"], return_routing=True)
+                       top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1))
         text = TextAssembler(self.tokenizer)
         try:
             for step in gen:

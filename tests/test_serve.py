@@ -107,7 +107,8 @@ def test_model_repo_download_and_offline_fallback(monkeypatch, tmp_path):
     assert calls[-2:] == [None, "0123abcd"] and "revision `0123abcd`" in note
 
 
-def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(engine, tokenizer):
+def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(engine, tokenizer, monkeypatch):
+    monkeypatch.setattr(engine, "end_of_turn", None)  # a base model: its tokenizer has no chat template
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"question {i} " + "word " * 8},
@@ -125,3 +126,32 @@ def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(engine, tokeni
     assert any("oldest exchange" in n for n in notes)
     kept = [i for i in range(6) if f"question {i}" in text]
     assert kept == list(range(kept[0], 6))  # a contiguous run of the newest turns
+
+
+def test_chat_model_gets_its_chat_template_trimmed_from_the_oldest_turn_and_stops_at_end_of_turn(engine, tokenizer):
+    """A tokenizer with a chat template (SmolLM2's): the prompt is the template's rendering of the conversation with
+    the assistant's turn opened, oldest exchanges dropped to fit, and a reply ends at <|im_end|>."""
+    assert engine.end_of_turn == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
+    history = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
+    notes = []
+    ids = engine.chat_prompt(history, "  What is rain? ", 8, notes)
+    expected = tokenizer.apply_chat_template(history + [{"role": "user", "content": "What is rain?"}],
+                                             tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(ids) == expected and not notes
+    assert expected.endswith("<|im_start|>assistant\n") and "<|im_start|>system" in expected
+    long_history = []
+    for i in range(6):
+        long_history += [{"role": "user", "content": f"question {i} " + "word " * 8},
+                         {"role": "assistant", "content": f"answer {i}"}]
+    ids = engine.chat_prompt(long_history, "last one", 8, notes)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= CONTEXT - 8 and text.startswith("<|im_start|>system")
+    assert text.endswith("<|im_start|>user\nlast one<|im_end|>\n<|im_start|>assistant\n")
+    kept = [i for i in range(6) if f"question {i}" in text]
+    assert kept and kept == list(range(kept[0], 6)) and 0 not in kept
+    assert any("oldest exchange" in n for n in notes)
+    # a reply ends before any of the stop ids (the app passes eos and end_of_turn): make the first token one
+    settings, _ = engine.check_settings(0, 0, 5)
+    first = next(engine.tokens(ids, settings))[0]
+    assert list(engine.tokens(ids, {**settings, "stop": (first, engine.end_of_turn)})) == []
+    assert len(list(engine.tokens(ids, {**settings, "stop": None}))) == 5

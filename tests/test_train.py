@@ -219,7 +219,7 @@ def tiny_teacher(path, vocab_size=49152):
 
 
 def test_distillation_loss_is_ce_mixed_with_kl_to_the_teacher(tmp_path):
-    """train.distillation_loss: (1 - w) CE + w KL(teacher || model), per token, against full logits written out."""
+    """loss.distillation_loss: (1 - w) CE + w KL(teacher || model), per token, against full logits written out."""
     from config import ConfigError
     from conftest import tiny_config
     from loss import distillation_loss, load_teacher
