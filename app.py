@@ -639,22 +639,9 @@ def about_markdown(engine: Engine) -> str:
         shown = [s for s in samples if s.get("step") == last][:3]
         parts.append(f"\n**Samples logged at step {last}** (temperature 0.8, top-k 50):\n" + "\n".join(
             "> " + html.escape(str(s.get("text", ""))[:300]).replace("\n", " ") + "…\n" for s in shown))
-    if isinstance(tokens_seen, (int, float)) and tokens_seen > 0:
-        seen = (f"{_tokens(tokens_seen)} tokens, ≈ {tokens_seen / CORPUS_TOKENS:.1f} passes over ~11 M tokens of "
-                "OpenStax textbooks (CC BY 4.0)")
-    else:
-        seen = "~11 M tokens of OpenStax textbooks (CC BY 4.0)"
-    parts.append(
-        "### Honest limits\n"
-        f"- **Tiny**: trained on {seen}, on a small compute "
-        "budget; SmolLM2-135M saw 2 trillion tokens. Expect textbook-flavoured prose that loses the thread after a "
-        "sentence or two.\n"
-        "- **No instruction tuning**: it continues text; it does not answer questions, follow instructions or chat. "
-        "Start a sentence and let it finish.\n"
-        "- **It makes things up**: facts, numbers, names, dates and citations are often wrong or invented. Do not "
-        "rely on anything it writes.\n"
-        "- English only, no safety tuning, short context; the expert colours show what the router chose, not what "
-        "an expert 'means'.")
+    # the checkpoint's own card (README.md: provenance, licence, its limits) says what it is; without one, the
+    # limits of a model trained here from scratch
+    parts.append(model_card(engine.model_dir) or honest_limits(tokens_seen))
     if engine.note:
         parts.append(f"\n*{engine.note}*")
     if engine.ok:
@@ -666,6 +653,36 @@ def about_markdown(engine: Engine) -> str:
     parts.append(f"\n<small>Checkpoint: `{display_path(engine.model_dir)}`</small>")
     return "\n".join(parts)
 
+
+def model_card(model_dir: str) -> str | None:
+    """The body of the checkpoint's README.md (its Hub model card), without the YAML front matter."""
+    try:
+        with open(os.path.join(model_dir, "README.md"), encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        text = text[end + 4:] if end >= 0 else text
+    return text.strip() or None
+
+
+def honest_limits(tokens_seen) -> str:
+    if isinstance(tokens_seen, (int, float)) and tokens_seen > 0:
+        seen = (f"{_tokens(tokens_seen)} tokens, ≈ {tokens_seen / CORPUS_TOKENS:.1f} passes over ~11 M tokens of "
+                "OpenStax textbooks (CC BY 4.0)")
+    else:
+        seen = "~11 M tokens of OpenStax textbooks (CC BY 4.0)"
+    return ("### Honest limits\n"
+        f"- **Tiny**: trained on {seen}, on a small compute "
+        "budget; SmolLM2-135M saw 2 trillion tokens. Expect textbook-flavoured prose that loses the thread after a "
+        "sentence or two.\n"
+        "- **No instruction tuning**: it continues text; it does not answer questions, follow instructions or chat. "
+        "Start a sentence and let it finish.\n"
+        "- **It makes things up**: facts, numbers, names, dates and citations are often wrong or invented. Do not "
+        "rely on anything it writes.\n"
+        "- English only, no safety tuning, short context; the expert colours show what the router chose, not what "
+        "an expert 'means'.")
 
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -246,6 +246,22 @@ def test_page_components_and_about(server):
     assert component(demo, "training-plot")["visible"] is True
 
 
+def test_about_shows_the_checkpoints_model_card_instead_of_the_generic_limits(checkpoint, tmp_path):
+    """A checkpoint with a README.md (a Hub model card) describes itself in About: its body, not its front matter,
+    in place of the limits written for a model trained here from scratch."""
+    import shutil
+
+    final = tmp_path / "final"
+    shutil.copytree(checkpoint, final)
+    (final / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: someone/else\n---\n"
+                                     "### What this model is\nConverted from someone else's model.\n")
+    engine = serving.Engine(str(final))
+    about = app.about_markdown(engine)
+    assert "### What this model is" in about and "Converted from someone else's model." in about
+    assert "license: apache-2.0" not in about and "No instruction tuning" not in about
+    assert f"{engine.model.count_parameters()['total'] / 1e6:.2f} M total" in about  # the architecture stays
+
+
 def test_layer_selection_recolours(server):
     streams = server[0].streams
     data = call(gradio_client.Client(server[1], verbose=False), "Energy is", 0, 0, 5)[-1][4]
