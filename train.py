@@ -198,7 +198,8 @@ def setup(args) -> Run:
     batches, val_batches = build_data(args, cfg, tokenizer, rank, world)
     identity, loss_fn = run_identity(tokenizer, batches, world), model_loss
     if args.distill_from:  # a resumed distillation run keeps its teacher
-        identity["teacher"] = args.distill_from
+        identity["teacher"] = os.path.abspath(args.distill_from) if os.path.exists(args.distill_from) \
+            else args.distill_from
         loss_fn = distillation_loss(load_teacher(args.distill_from, model_cfg.vocab_size, device), cfg.distill_weight)
     run = Run(args, model_cfg, cfg, device, rank, world, tokenizer, batches, val_batches, identity, loss_fn)
     if run.master:

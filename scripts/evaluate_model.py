@@ -10,6 +10,8 @@ Per model (a directory we wrote, or any transformers causal LM directory such as
                  bucket 0-256 / 256-512 / 512-1024;
   questions:     greedy replies (64 new tokens, the tokenizer's chat template, stop at <|im_end|>) to everyday
                  questions, with distinct-2 of each reply (unique word bigrams / bigrams).
+  run_val:       with --run-config, train.py's own validation loss (its config's batch, length and eval_batches
+                 over --val, packed): the number training_summary.json records for our checkpoints.
 Extra --holdout files are measured like val (first 256 tokens per document).
 """
 from __future__ import annotations
@@ -94,9 +96,12 @@ def main(argv=None):
     p.add_argument("--val", required=True, help="val.jsonl (documents with a 'text' field)")
     p.add_argument("--holdout", nargs="*", default=[], help="more .jsonl files measured like --val")
     p.add_argument("--no-questions", action="store_true")
+    p.add_argument("--no-long-context", action="store_true")
+    p.add_argument("--run-config", help="a train.py YAML: also measure train.py's validation loss with its settings")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
     results["command"] = "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:]))
     results.setdefault("models", {})
@@ -105,8 +110,20 @@ def main(argv=None):
         logits_fn, tokenizer, kind = load(path)
         texts = read_texts(args.val)
         seqs, _ = token_sequences(texts, tokenizer, 10 ** 12, 256)
-        row = {"kind": kind, "val_first_256": round(mean_loss(logits_fn, seqs), 4),
-               "long_context": long_context(logits_fn, tokenizer, texts)}
+        row = {"kind": kind, "val_first_256": round(mean_loss(logits_fn, seqs), 4)}
+        if not args.no_long_context:
+            row["long_context"] = long_context(logits_fn, tokenizer, texts)
+        if args.run_config and kind == "ours":
+            import data
+            import train
+            from config import TrainConfig, dataclass_from_dict, read_yaml
+
+            cfg = dataclass_from_dict(TrainConfig, read_yaml(args.run_config)["train"], "train")
+            tokens = data.tokenize_files([args.val], tokenizer)
+            with torch.no_grad():
+                row["run_val"] = round(train.evaluate(logits_fn, data.validation_batches(tokens, cfg),
+                                                      torch.device("cpu"), None), 5)
+            logits_fn.eval()
         for extra in args.holdout:
             seqs, _ = token_sequences(read_texts(extra), tokenizer, 10 ** 12, 256)
             row[f"holdout:{os.path.basename(extra)}"] = round(mean_loss(logits_fn, seqs), 4)
