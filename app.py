@@ -717,6 +717,10 @@ CHAT_LIMITS = (
     "is rendered as a plain-text transcript (`User: …` / `Assistant: …`) that it continues; its reply ends where it "
     "starts the next `User:` line. It does not follow instructions, keeps no memory beyond the context (oldest turns "
     "are dropped first), and makes facts up. Expect textbook-flavoured sentences loosely related to what you wrote.")
+CHAT_MODEL_LIMITS = (
+    "**What to expect**: a small chat model. The conversation goes through its own chat template and its reply ends "
+    "at its end-of-turn token. It keeps no memory beyond the context (oldest exchanges are dropped first), answers "
+    "briefly and often makes facts up: check anything that matters.")
 
 
 def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr.Blocks:
@@ -771,7 +775,7 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
                 with gr.Accordion("Routing data (JSON, also returned by the /generate API)", open=False):
                     routing = gr.JSON(label="Per-token routing", elem_id="routing-json", open=False)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                gr.Markdown(CHAT_LIMITS, elem_id="chat-limits")
+                gr.Markdown(CHAT_LIMITS if engine.end_of_turn is None else CHAT_MODEL_LIMITS, elem_id="chat-limits")
                 with gr.Row():
                     with gr.Column(scale=3, min_width=300):
                         chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=380,

@@ -265,6 +265,7 @@ class Engine:
         self.streams_started = 0  # counted for tests and the bench
         self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
         self.running: dict[str, str] = {}  # session -> the kind of its stream ("generate" / "chat")
+        self.end_of_turn = None  # a chat model's end-of-turn token id (set below when its tokenizer has a template)
         try:
             with open(os.path.join(model_dir, "config.json")) as f:
                 hf = json.load(f)

@@ -71,8 +71,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_checkpoint(root, **overrides) -> str:
-    """<root>/checkpoints/final as train.py publishes it (weights, tokenizer, summary), metrics and plot beside."""
+def make_tiny_checkpoint(root, chat_template: bool = False, **overrides) -> str:
+    """<root>/checkpoints/final as train.py publishes it (weights, tokenizer, summary), metrics and plot beside.
+    A base model's tokenizer carries no chat template (as the shipped 13M model's); chat_template=True keeps
+    SmolLM2's, as a chat model's checkpoint would."""
     import torch
     import transformers
     from PIL import Image
@@ -83,7 +85,10 @@ def make_tiny_checkpoint(root, **overrides) -> str:
     final = os.path.join(str(root), "checkpoints", "final")
     torch.manual_seed(0)
     SmolLM2DeepSeek(ModelConfig.from_dict({**APP_TINY, **overrides})).save_pretrained(final)
-    transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(final)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(final)
     with open(os.path.join(final, "training_summary.json"), "w") as f:
         json.dump(APP_SUMMARY, f)
     with open(os.path.join(final, "..", "metrics.jsonl"), "w") as f:

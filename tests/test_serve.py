@@ -107,8 +107,7 @@ def test_model_repo_download_and_offline_fallback(monkeypatch, tmp_path):
     assert calls[-2:] == [None, "0123abcd"] and "revision `0123abcd`" in note
 
 
-def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(engine, tokenizer, monkeypatch):
-    monkeypatch.setattr(engine, "end_of_turn", None)  # a base model: its tokenizer has no chat template
+def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(engine, tokenizer):
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"question {i} " + "word " * 8},
@@ -128,9 +127,13 @@ def test_chat_prompt_is_a_transcript_trimmed_from_the_oldest_turn(engine, tokeni
     assert kept == list(range(kept[0], 6))  # a contiguous run of the newest turns
 
 
-def test_chat_model_gets_its_chat_template_trimmed_from_the_oldest_turn_and_stops_at_end_of_turn(engine, tokenizer):
+def test_chat_model_gets_its_chat_template_trimmed_from_the_oldest_turn_and_stops_at_end_of_turn(
+        engine, tokenizer, tmp_path):
     """A tokenizer with a chat template (SmolLM2's): the prompt is the template's rendering of the conversation with
-    the assistant's turn opened, oldest exchanges dropped to fit, and a reply ends at <|im_end|>."""
+    the assistant's turn opened, oldest exchanges dropped to fit, and a reply ends at <|im_end|>. A base model's
+    checkpoint (no template) keeps the plain transcript."""
+    assert engine.end_of_turn is None
+    engine = serve.Engine(make_tiny_checkpoint(tmp_path, chat_template=True))
     assert engine.end_of_turn == tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     history = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
     notes = []
