@@ -122,10 +122,11 @@ def read_quantized(path: str, dtype: torch.dtype = torch.float32) -> dict[str, t
 
 
 def copy_side_files(src: str, dst: str) -> None:
-    """Everything in a model directory but its weights (config, tokenizer, training record, experts report)."""
+    """Everything in a model directory but its weights and a run's optimizer state (config, tokenizer, training
+    summary, experts report, model card)."""
     os.makedirs(dst, exist_ok=True)
     for name in os.listdir(src):
-        if not name.endswith(".safetensors") and name != "model.safetensors.index.json" and \
+        if not name.endswith((".safetensors", ".pt")) and name != "model.safetensors.index.json" and \
                 os.path.isfile(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
