@@ -38,6 +38,7 @@ def test_pack_reads_back_close_and_export_loads_in_transformers(tmp_path):
     model = spread_model()
     src = tmp_path / "src"
     model.save_pretrained(src)
+    (src / "training_state.pt").write_bytes(b"a run's optimizer state")  # a step_N directory's: not copied
     path = quantize.pack(str(src), str(tmp_path / "small"), group_size=16)
     assert sorted(os.listdir(tmp_path / "small")) == ["config.json", "generation_config.json",
                                                       quantize.QUANTIZED_FILE]
