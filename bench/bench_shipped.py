@@ -24,6 +24,15 @@ from generate import generate  # noqa: E402
 from serve import Engine  # noqa: E402
 
 
+def current_rss_gib() -> float:
+    """Resident memory now (VmRSS; ru_maxrss is the peak, which loading's dequantization sets)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2 ** 20  # KiB -> GiB
+    return float("nan")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=os.path.join(ROOT, "checkpoints", "final"))
@@ -36,7 +45,7 @@ def main(argv=None):
     load_seconds = time.perf_counter() - t0
     if not engine.ok:
         raise SystemExit(f"error: {engine.error}")
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+    rss_after_load = current_rss_gib()
     prompt = engine.tokenizer("The water cycle describes how water moves between the oceans, the air and the land. "
                               * 8, add_special_tokens=False)["input_ids"][:64]
     rounds = []
@@ -60,6 +69,7 @@ def main(argv=None):
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "weights_dtype": engine.dtype_name,
               "load_seconds": round(load_seconds, 2), "rss_gib_after_load": round(rss_after_load, 2),
               "rss_gib_peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+              "rss_gib_after_decoding": round(current_rss_gib(), 2),
               "prompt_tokens": len(prompt), "rounds": rounds, "decode_tokens_per_s_max": max(rates),
               "decode_tokens_per_s_median": statistics.median(rates)}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
