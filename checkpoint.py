@@ -37,6 +37,7 @@ from model import SmolLM2DeepSeek, max_violation
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, healthy only; the newest one that loads is where a run resumes
 
+
 def step_dirs(out: str) -> list[tuple[int, str]]:
     found = []
     for path in glob.glob(os.path.join(out, "step_*")):
@@ -170,6 +171,7 @@ def divergence_message(out: str, step: int, reason: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Resuming: what a checkpoint's run must share with this one
 
+
 def run_identity(tokenizer, batches, world: int) -> dict:
     """Settings outside the configs that change a run: the ranks, the training data's size, the tokenizer's vocab."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
@@ -234,6 +236,7 @@ def adopt_model_config(model: SmolLM2DeepSeek, config: ModelConfig, path: str) -
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics, samples, plot and the directory's history
+
 
 def metrics_row(step: int, loss: float, lr: float, grad_norm, totals: dict, tokens_per_s: float, mfu: float,
                 loads: torch.Tensor) -> dict:
@@ -372,6 +375,7 @@ def set_history_aside(out: str, log) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Publishing: <out>/final, and --publish DIR
+
 
 def publish_final(out: str, step: int) -> str:
     """Copy the last checkpoint's model (no optimizer state) to <out>/final, where app.py looks, atomically."""
