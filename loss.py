@@ -6,6 +6,7 @@ tokens) and, at d = 192, the three lm_head GEMMs are most of its FLOPs. `Chunked
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -166,20 +167,11 @@ class ChunkedCrossEntropy:
 def load_teacher(path: str, vocab_size: int, device: torch.device):
     """The --distill-from model, frozen in eval mode: a transformers causal LM (directory or hub id) or a .gguf file
     (read by transformers; needs the `gguf` package). Its vocabulary must be the student's, token for token."""
-    import os
-
-    from transformers import AutoModelForCausalLM
-
     from config import ConfigError
 
-    try:
-        if path.endswith(".gguf"):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no such file: {path}")
-            folder, name = os.path.split(os.path.abspath(path))
-            teacher = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        else:
-            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:  # the teacher's construction draws random init values: never from the run's own random stream
+        with torch.random.fork_rng(devices=[]):
+            teacher = _load_causal_lm(path)
     except Exception as err:
         raise ConfigError(f"--distill-from {path}: cannot load the teacher ({type(err).__name__}: "
                           f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
@@ -189,6 +181,17 @@ def load_teacher(path: str, vocab_size: int, device: torch.device):
                           f"{vocab_size}: distillation needs the same vocabulary")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
+
+
+def _load_causal_lm(path: str):
+    from transformers import AutoModelForCausalLM
+
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+        folder, name = os.path.split(os.path.abspath(path))
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def distillation_loss(teacher, kl_weight: float):
