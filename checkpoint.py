@@ -201,9 +201,10 @@ def config_changes(saved_model: ModelConfig, state: dict, model_cfg: ModelConfig
         if key not in RESUME_FREE_KEYS and key in saved_train and saved_train[key] != now:
             changes.append(f"{key}: {saved_train[key]!r} -> {now!r}")
     saved_run = state.get("run") or {}
-    for key, now in identity.items():
-        if key in saved_run and saved_run[key] != now:
-            changes.append(f"{key}: {saved_run[key]!r} -> {now!r}")
+    for key, saved in saved_run.items():  # a setting the checkpoint recorded and this run lacks is a change too
+        now = identity.get(key)  # (one this run has that the checkpoint predates is not compared)
+        if saved != now:
+            changes.append(f"{key}: {saved!r} -> {now!r}")
     return changes
 
 
