@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl, train_cmd, train_env
+from conftest import (ROOT, TOKENIZER_DIR as TOKENIZER, TRAIN_TINY_YAML as TINY_YAML, needs_corpus, read_jsonl,
+                      train_cmd, train_env)
 
 pytestmark = needs_corpus
 
