@@ -37,13 +37,14 @@ SCHEME_PARTS = {"int4": ("q4", "scale", "scale_step", "min", "min_step"), "int8-
                 "bf16": ("bf16",)}
 
 
-def scheme_for(key: str, tensor: torch.Tensor, group_size: int) -> str | None:
+def scheme_for(key: str, tensor: torch.Tensor, group_size: int, int4_embeddings: bool = False) -> str | None:
     """Which storage a transformers-format key gets (None: kept as it is)."""
     if tensor.dim() != 2 or not key.endswith(".weight") or key.endswith("mlp.gate.weight"):
         return None  # norms, biases, the balancing bias and the routers stay exact
     if "kv_a_proj_with_mqa" in key:
         return "bf16"  # the latent down-projection: no 4 or 8 bits (its rows carry the latent norm's large scales)
-    if ".mlp.experts." in key and tensor.shape[-1] % group_size == 0:
+    four_bits = ".mlp.experts." in key or (int4_embeddings and key in ("model.embed_tokens.weight", "lm_head.weight"))
+    if four_bits and tensor.shape[-1] % group_size == 0:
         return f"int4-g{group_size}"
     return "int8-row"
 
@@ -104,11 +105,12 @@ def dequantize_int8(parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch
     return (parts["q8"].float() * parts["scale"].float()).to(dtype)
 
 
-def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32) -> tuple[dict, dict]:
+def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32,
+                   int4_embeddings: bool = False) -> tuple[dict, dict]:
     """transformers-format state -> (tensors to save, {key: scheme})."""
     tensors, schemes = {}, {}
     for key, w in state.items():
-        scheme = scheme_for(key, w, group_size)
+        scheme = scheme_for(key, w, group_size, int4_embeddings)
         if scheme is None:
             tensors[key] = w.contiguous()
             continue
@@ -162,14 +164,14 @@ def copy_side_files(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
-def pack(src: str, dst: str, group_size: int = 32) -> str:
+def pack(src: str, dst: str, group_size: int = 32, int4_embeddings: bool = False) -> str:
     """A model directory -> the same directory with its weights in model.quantized.safetensors."""
     from safetensors.torch import save_file
 
     from model import SmolLM2DeepSeek
 
     model = SmolLM2DeepSeek.from_pretrained(src)
-    tensors, schemes = quantize_state(model.hf_state_dict(), group_size)
+    tensors, schemes = quantize_state(model.hf_state_dict(), group_size, int4_embeddings)
     copy_side_files(src, dst)
     for stale in ("model.safetensors", "model.safetensors.index.json"):
         if os.path.exists(os.path.join(dst, stale)):
@@ -198,6 +200,7 @@ def main(argv=None) -> None:
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--group-size", type=int, default=32, help="int4 group along the input dimension (default 32)")
+    a.add_argument("--int4-embeddings", action="store_true", help="the (tied) embedding in 4 bits too, not 8")
     b = sub.add_parser("export", help="write a transformers-loadable model.safetensors (dequantized)")
     b.add_argument("src")
     b.add_argument("dst")
@@ -206,7 +209,7 @@ def main(argv=None) -> None:
     if os.path.abspath(args.src) == os.path.abspath(args.dst):
         p.error("src and dst must be different directories")
     if args.command == "pack":
-        path = pack(args.src, args.dst, args.group_size)
+        path = pack(args.src, args.dst, args.group_size, args.int4_embeddings)
     else:
         path = export(args.src, args.dst, getattr(torch, args.dtype))
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")

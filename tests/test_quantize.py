@@ -73,3 +73,16 @@ def test_pack_reads_back_close_and_export_loads_in_transformers(tmp_path):
         assert torch.allclose(hf(ids).logits, got, atol=1e-4)
     with pytest.raises(SystemExit):
         quantize.main(["pack", str(src), str(src)])
+
+
+def test_which_storage_each_part_gets():
+    w = torch.zeros(64, 32)
+    assert quantize.scheme_for("model.layers.3.mlp.experts.5.down_proj.weight", w, 16) == "int4-g16"
+    assert quantize.scheme_for("model.layers.3.mlp.shared_experts.down_proj.weight", w, 16) == "int8-row"
+    assert quantize.scheme_for("model.embed_tokens.weight", w, 16) == "int8-row"
+    assert quantize.scheme_for("model.embed_tokens.weight", w, 16, int4_embeddings=True) == "int4-g16"
+    assert quantize.scheme_for("model.layers.3.self_attn.kv_a_proj_with_mqa.weight", w, 16) == "bf16"
+    assert quantize.scheme_for("model.layers.3.mlp.gate.weight", w, 16) is None  # the router stays exact
+    assert quantize.scheme_for("model.norm.weight", torch.zeros(32), 16) is None
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        quantize.dequantize_state({"x.q3": torch.zeros(1)}, {"x": "int3-g8"})
