@@ -41,8 +41,7 @@ def open_tab(page, name):
     else:
         page.locator('#tabs button[aria-label="More tabs"]').click()
         page.locator("#tabs .overflow-dropdown button", has_text=name).click()
-    page.wait_for_function(f"() => [...document.querySelectorAll('#tabs [role=tab][aria-selected=true]')]"
-                           f".some(t => t.innerText.includes('{name}'))")
+    page.locator(f"#tab-{name.lower()}").wait_for(state="visible")  # its panel is shown
 
 
 def shoot(browser, url, size, out_dir, every_tab):

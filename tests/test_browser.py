@@ -153,8 +153,15 @@ def open_tab(page, name):
     else:
         page.locator('#tabs button[aria-label="More tabs"]').click()
         page.locator("#tabs .overflow-dropdown button", has_text=name).click()
-    page.wait_for_function(f"() => [...document.querySelectorAll('#tabs [role=tab][aria-selected=true]')]"
-                           f".some(t => t.innerText.includes('{name}'))")
+    page.locator(f"#tab-{name.lower()}").wait_for(state="visible")  # its panel is shown
+
+
+def set_max_tokens(page, n: int):
+    """Type n into the max-new-tokens number box (a short stream keeps a run on a busy machine short)."""
+    box = page.locator("#max-new-tokens input[type=number]")
+    box.fill(str(n))
+    box.press("Tab")
+    page.wait_for_function(f"() => document.querySelector('#max-new-tokens input[type=range]').value === '{n}'")
 
 
 def choose_layer(page, dropdown, layer):
@@ -285,6 +292,7 @@ def test_every_tab_holds_its_layout(page_url, browser, size):
     page = open_page(browser, url, size)
     try:
         check_layout(page, f"Complete {size}, before generating")
+        set_max_tokens(page, 32)
         page.locator("#prompt textarea").fill("Photosynthesis is the process by which")
         page.locator("#generate").click()
         page.wait_for_function("() => document.querySelector('#output textarea').value.length > 0")
@@ -347,6 +355,7 @@ def test_phone_heatmap_title_fits_and_about_words_stay_whole(page_url, browser):
     server_idle(page_url[0].engine)
     page = open_page(browser, page_url[1], "phone")
     try:
+        set_max_tokens(page, 16)
         page.locator("#prompt textarea").fill("Photosynthesis is the process by which")
         page.locator("#generate").click()
         wait_status(page, "#status", "Done")
@@ -386,6 +395,7 @@ def test_phone_heatmap_title_fits_and_about_words_stay_whole(page_url, browser):
 
 def test_two_clicks_in_one_tick_start_one_stream(page_url, page):
     engine = page_url[0].engine
+    set_max_tokens(page, 8)
     page.locator("#prompt textarea").fill("Two clicks")
     before = engine.streams_started
     page.evaluate("() => { const b = document.querySelector('#generate'); b.click(); b.click(); }")
@@ -399,6 +409,7 @@ def test_each_tab_keeps_its_routing_layer_in_the_browser(page_url, page):
     layer 3. Each tab's view follows its own dropdown."""
     layers = page_url[0].engine.moe_layers
     first, last = layers[0], layers[-1]
+    set_max_tokens(page, 8)
     page.locator("#prompt textarea").fill("Energy is")
     page.locator("#generate").click()
     wait_status(page, "#status", "Done")
@@ -429,6 +440,7 @@ def test_each_tab_keeps_its_routing_layer_in_the_browser(page_url, page):
 
 def test_chat_in_the_browser(page_url, page):
     """The Chat tab: send with Enter, the box empties, the reply streams in with its routing beside it."""
+    set_max_tokens(page, 16)
     open_tab(page, "Chat")
     box = page.locator("#chat-input textarea")
     box.fill("What do plants need to grow?")
