@@ -74,7 +74,8 @@ LAYOUT = r"""() => {
       const tops = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
       if (tops.size > 1) wrapped.push(b.innerText.trim());
     }
-    if (b.innerText.trim() && b.scrollWidth > b.clientWidth + 1) wrapped.push(b.innerText.trim() + ' (cut)');
+    // an action button narrower than its label (an accordion's header holds its label and a ▼ in a flex row)
+    if (b.closest('.action-row') && b.scrollWidth > b.clientWidth + 1) wrapped.push(b.innerText.trim() + ' (cut)');
   }
   return {overlaps, sideways: doc.scrollWidth - doc.clientWidth, wrapped, boxes: boxes.length};
 }"""
