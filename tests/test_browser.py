@@ -42,7 +42,7 @@ RECORDER = """() => {
 }"""
 
 # What a visitor sees go wrong in a layout: tables or cards drawn over each other, a page that scrolls sideways,
-# button labels wrapped onto two lines or cut
+# a button's or tab's label wrapped onto two lines, or cut
 LAYOUT = r"""() => {
   const shown = el => {
     const r = el.getBoundingClientRect();
@@ -65,7 +65,9 @@ LAYOUT = r"""() => {
   }
   const doc = document.scrollingElement;
   const wrapped = [];
-  for (const b of [...document.querySelectorAll('button')].filter(shown)) {
+  // the page's short labels: action buttons and tabs (example prompts and accordion headers are sentences and may
+  // wrap on a phone)
+  for (const b of [...document.querySelectorAll('.action-row button, #tabs [role=tab]')].filter(shown)) {
     const walker = document.createTreeWalker(b, NodeFilter.SHOW_TEXT);
     for (let t = walker.nextNode(); t; t = walker.nextNode()) {
       if (!t.data.trim()) continue;
@@ -74,7 +76,6 @@ LAYOUT = r"""() => {
       const tops = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
       if (tops.size > 1) wrapped.push(b.innerText.trim());
     }
-    // an action button narrower than its label (an accordion's header holds its label and a ▼ in a flex row)
     if (b.closest('.action-row') && b.scrollWidth > b.clientWidth + 1) wrapped.push(b.innerText.trim() + ' (cut)');
   }
   return {overlaps, sideways: doc.scrollWidth - doc.clientWidth, wrapped, boxes: boxes.length};
