@@ -175,7 +175,7 @@ def fully_in_view(page, selector) -> dict:
     return page.evaluate(f"""() => {{
       const r = document.querySelector('{selector}').getBoundingClientRect();
       return {{top: r.top, bottom: r.bottom, height: window.innerHeight,
-               ok: r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0}};
+               ok: r.top >= -1 && r.bottom <= window.innerHeight + 1 && r.height > 0}};  // (sub-pixel scroll)
     }}""")
 
 
