@@ -24,10 +24,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import gradio as gr
 import plotly.graph_objects as go
+from gradio.data_classes import GradioRootModel
 
 from serve import (MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
                    resolve_model_dir)
@@ -883,6 +885,7 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
                         chatbot = gr.Chatbot(label="Conversation", show_label=False, elem_id="chatbot", height=380,
                                              render_markdown=False,
                                              placeholder="Say something; the model continues the transcript.")
+                        accept_any_history(chatbot)
                         chat_in = gr.Textbox(label="Message", lines=1, elem_id="chat-input",
                                              placeholder="Tell me about photosynthesis.")
                         with gr.Row(elem_classes="action-row"):
@@ -946,6 +949,21 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
     # backstop above it (its "Queue is full" reaches API clients as a bare exception).
     demo.queue(default_concurrency_limit=QUEUE_WORKERS, max_size=4 * (QUEUE_WORKERS + QUEUE_MAX_WAITING))
     return demo
+
+
+class AnyHistory(GradioRootModel):
+    """The /chat history as sent, unchecked: normalise_history reads it and names what is wrong."""
+
+    root: Any = None
+
+
+def accept_any_history(chatbot: gr.Chatbot) -> None:
+    """Gradio validates an input against its component's data model before the event's function runs, even with
+    preprocess=False: a malformed /chat history (a "wizard" role, a str content) ended in pydantic's error and a
+    server traceback. This Chatbot accepts any value as input, and normalise_history answers with a clear message;
+    its API schema (what gradio_client documents) stays the Chatbot's."""
+    chatbot.api_info()  # cached with the Chatbot's own message schema
+    chatbot.data_model = AnyHistory
 
 
 def plot_html(path: str | None) -> str:

@@ -299,7 +299,7 @@ def test_token_views_say_tap_and_mark_a_token_with_no_text_of_its_own():
         {"index": 0, "id": 5, "text": "", "routing": [{"layer": 1, "experts": [3, 1], "weights": [0.7, 0.3]}]}]}
     view = app.TokenView([1]).render(data, 1)
     assert "tap (or hover) a token" in view and "hover a token for" not in view
-    span = re.search(r'<span class="tok".*?</span></span>', view).group(0)
+    span = re.search(r'<span class="tok".*?</span></span>', view, re.S).group(0)
     assert "◌" in span and "&#8203;" not in span
     assert "span.tok" in app.TAP_JS and "token-info" in app.TAP_JS and "title" in app.TAP_JS
 
@@ -682,6 +682,6 @@ def test_without_chromium_every_browser_test_is_skipped_loudly(tmp_path):
                           os.path.join("tests", "test_browser.py")], cwd=app.APP_DIR, env=env,
                          capture_output=True, text=True, timeout=600)
     out = run.stdout + run.stderr
-    assert run.returncode == 0, out[-2000:]
+    assert run.returncode in (0, 5), out[-2000:]  # 5: pytest's "no tests ran" (a module skipped as a whole)
     assert "BROWSER TESTS DID NOT RUN" in out and f"no chromium at {tmp_path / 'no-chromium-here'}" in out, out[-2000:]
     assert "apt-get install chromium" in out
