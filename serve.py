@@ -174,64 +174,117 @@ class TextAssembler:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+class Ticket:
+    """One visitor's stream through Admission: its token budget (max new tokens), and once admitted when it started
+    and how many tokens it has made (what the wait estimates are measured from)."""
+
+    __slots__ = ("budget", "started", "tokens")
+
+    def __init__(self, budget: int):
+        self.budget, self.started, self.tokens = max(1, int(budget)), None, 0
+
+
 class Admission:
     """At most `workers` streams run at once; up to `max_waiting` more wait in line (first come, first served), each
-    told its place and an estimate; beyond that a request is turned away at once with a 'busy' message."""
+    told its place and an estimate; beyond that a request is turned away at once with a 'busy' message.
 
-    ADMITTED = "admitted"
+    Estimates come from the measured time per token of the streams running now (the last finished streams' when none
+    has made a token yet): each running stream frees its slot after its remaining budget, then each ticket ahead in
+    line takes the first free slot for its own budget. A stream that ends early (end of text, Stop) only makes the
+    wait shorter, and a ticket's estimate falls as the streams ahead of it make tokens at a steady rate."""
 
-    def __init__(self, workers: int, max_waiting: int):
+    def __init__(self, workers: int, max_waiting: int, clock=time.monotonic):
         self.workers, self.max_waiting = workers, max_waiting
-        self.active = 0
+        self.clock = clock
         self.turned_away = 0
-        self._line: list[object] = []
+        self._running: list[Ticket] = []
+        self._line: list[Ticket] = []
         self._lock = threading.Lock()
-        self._durations: deque[float] = deque(maxlen=16)
+        self._per_token: deque[float] = deque(maxlen=16)  # seconds per token of recently finished streams
 
-    def join(self):
-        """ADMITTED (run now), a ticket to poll (wait), or None (line full: busy)."""
+    def join(self, budget: int = 64) -> Ticket | None:
+        """A ticket for a stream of up to `budget` tokens, already admitted when a slot is free (poll gives 0), or
+        waiting in line; None when the line is full (busy)."""
         with self._lock:
-            if self.active < self.workers and not self._line:
-                self.active += 1
-                return self.ADMITTED
+            ticket = Ticket(budget)
+            if len(self._running) < self.workers and not self._line:
+                self._start(ticket)
+                return ticket
             if len(self._line) >= self.max_waiting:
                 self.turned_away += 1
                 return None
-            ticket = object()
             self._line.append(ticket)
             return ticket
 
-    def poll(self, ticket) -> int:
+    def _start(self, ticket: Ticket) -> None:
+        ticket.started = self.clock()
+        self._running.append(ticket)
+
+    def poll(self, ticket: Ticket) -> int:
         """0 once admitted (a running slot is then held), else the ticket's 1-based place in line."""
         with self._lock:
-            if ticket is self.ADMITTED:
+            if ticket.started is not None:
                 return 0
-            if self._line and self._line[0] is ticket and self.active < self.workers:
+            if self._line and self._line[0] is ticket and len(self._running) < self.workers:
                 self._line.pop(0)
-                self.active += 1
+                self._start(ticket)
                 return 0
             return self._line.index(ticket) + 1
 
-    def cancel(self, ticket) -> None:
+    def progress(self, ticket: Ticket, tokens: int) -> None:
+        """A running stream has made `tokens` tokens so far."""
+        ticket.tokens = tokens
+
+    def cancel(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket in self._line:
                 self._line.remove(ticket)
 
-    def leave(self, seconds: float) -> None:
+    def leave(self, ticket: Ticket) -> None:
+        """A running stream ended: its slot is free, and its time per token is remembered."""
         with self._lock:
-            self.active -= 1
-            self._durations.append(seconds)
+            if ticket in self._running:
+                self._running.remove(ticket)
+                if ticket.tokens > 0:
+                    self._per_token.append((self.clock() - ticket.started) / ticket.tokens)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
 
     @property
     def waiting(self) -> int:
         return len(self._line)
 
-    def estimate(self, place: int) -> float | None:
-        """Seconds until `place` in line starts: recent streams' median duration x the rounds ahead of it."""
-        if not self._durations:
-            return None
-        typical = statistics.median(self._durations)
-        return typical * math.ceil(place / self.workers)
+    def seconds_per_token(self) -> float | None:
+        """The measured time per token: of the running streams that have made tokens, else of the last finished."""
+        now = self.clock()
+        rates = [(now - t.started) / t.tokens for t in self._running if t.tokens > 0]
+        if rates:
+            return statistics.median(rates)
+        return statistics.median(self._per_token) if self._per_token else None
+
+    def estimate(self, ticket_or_place) -> float | None:
+        """Seconds until a waiting ticket (or the ticket at a 1-based place in line) starts; None before any token
+        has been measured."""
+        with self._lock:
+            per_token = self.seconds_per_token()
+            if per_token is None:
+                return None
+            if isinstance(ticket_or_place, Ticket):
+                if ticket_or_place not in self._line:
+                    return 0.0
+                place = self._line.index(ticket_or_place) + 1
+            else:
+                place = int(ticket_or_place)
+            free = [max(0, t.budget - t.tokens) * per_token for t in self._running]
+            free += [0.0] * (self.workers - len(free))  # idle slots
+            free.sort()
+            for ahead in self._line[: place - 1]:
+                start = free.pop(0)
+                free.append(start + ahead.budget * per_token)
+                free.sort()
+            return free[0]
 
 
 def number_arg(value, default, name, notes) -> float:
@@ -247,6 +300,11 @@ def number_arg(value, default, name, notes) -> float:
         notes.append(f"⚠️ {name.capitalize()} {str(value)[:40]!r} is not a finite number: using {default}.")
         return float(default)
     return number
+
+
+def whole(x: float) -> int:
+    """Round half up (2.5 -> 3), as a visitor reads a number; Python's round() would give 2."""
+    return int(math.floor(x + 0.5))
 
 
 class Engine:
@@ -325,11 +383,14 @@ class Engine:
         if k < 0:
             notes.append(f"⚠️ Top-k {k:g} is negative: treated as no top-k filter.")
             k = 0
-        elif round(k) == 0:
-            notes.append("ℹ️ Top-k 0: no top-k filter (sampling from the whole vocabulary).")
         elif k >= vocab:
             notes.append(f"⚠️ Top-k {k:g} is not below the vocabulary size ({vocab}): treated as no top-k filter.")
             k = 0
+        else:
+            if k != int(k):
+                notes.append(f"⚠️ Top-k {k:g} is not a whole number: rounded to {whole(k)}.")
+            if whole(k) == 0:
+                notes.append("ℹ️ Top-k 0: no top-k filter (sampling from the whole vocabulary).")
         if temperature == 0:
             notes.append("ℹ️ Temperature 0: greedy decoding (always the most likely token; top-k has no effect).")
         n = number_arg(max_new_tokens, 64, "max new tokens", notes)
@@ -340,7 +401,9 @@ class Engine:
             notes.append(f"⚠️ Max new tokens {n:g} is above this app's limit of {self.max_new_limit}: "
                          f"clamped to {self.max_new_limit}.")
             n = self.max_new_limit
-        return dict(temperature=temperature, top_k=int(round(k)), max_new=max(1, int(round(n)))), notes
+        elif n != int(n):
+            notes.append(f"⚠️ Max new tokens {n:g} is not a whole number: rounded to {whole(n)}.")
+        return dict(temperature=temperature, top_k=whole(k), max_new=max(1, whole(n))), notes
 
     def encode(self, text: str, notes: list[str]) -> list[int] | None:
         """Token ids of a visitor's text (None when it cannot be tokenized; the reason goes to notes)."""
@@ -349,7 +412,9 @@ class Engine:
             notes.append(f"⚠️ The text had {replaced} invalid character{'s' if replaced > 1 else ''} (a lone UTF-16 "
                          "surrogate, which is not text): replaced with �.")
         try:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            # verbose=False: a prompt longer than the tokenizer's model_max_length is fine here (it is cut to the
+            # context below), so transformers' "will result in indexing errors" warning would only mislead
+            return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         except Exception as err:  # never show the tokenizer's internals
             notes.append(f"⚠️ **The text could not be tokenized** ({type(err).__name__}); try plain text.")
             return None

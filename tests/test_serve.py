@@ -50,17 +50,81 @@ def test_settings_are_clamped_and_each_change_explained(engine):
 
 def test_admission_runs_n_streams_keeps_a_line_and_turns_away_beyond_it():
     line = serve.Admission(workers=2, max_waiting=2)
-    first, second = line.join(), line.join()
-    assert first is second is serve.Admission.ADMITTED and line.active == 2
-    third, fourth = line.join(), line.join()
+    first, second = line.join(8), line.join(8)
+    assert line.poll(first) == line.poll(second) == 0 and line.active == 2
+    third, fourth = line.join(8), line.join(8)
     assert line.poll(third) == 1 and line.poll(fourth) == 2 and line.waiting == 2
-    assert line.join() is None and line.turned_away == 1  # the line is full
-    assert line.estimate(1) is None  # no stream has finished yet: no estimate
-    line.leave(4.0)
+    assert line.join(8) is None and line.turned_away == 1  # the line is full
+    assert line.estimate(third) is None  # no token measured yet: no estimate
+    line.leave(first)
     assert line.poll(fourth) == 2  # first come, first served: only the head of the line may start
     assert line.poll(third) == 0 and line.active == 2 and line.poll(fourth) == 1
     line.cancel(fourth)
-    assert line.waiting == 0 and line.estimate(3) == 4.0 * 2  # two rounds of 2 running streams ahead
+    assert line.waiting == 0 and line.active == 2
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_wait_estimates_come_from_the_running_streams_time_per_token():
+    """Issue 23: "about 1 s before yours starts" became 3.2 s, and an estimate rose while its place stayed the same.
+    The estimate is now each running stream's remaining budget at the measured time per token, then the budgets of
+    the tickets ahead in line, slot by slot."""
+    clock = Clock()
+    line = serve.Admission(workers=2, max_waiting=8, clock=clock)
+    a, b = line.join(100), line.join(40)
+    waiting = [line.join(50), line.join(50), line.join(50)]
+    assert [line.poll(t) for t in waiting] == [1, 2, 3]
+    clock.now = 1.0
+    line.progress(a, 10)  # 0.1 s per token
+    line.progress(b, 10)
+    assert line.seconds_per_token() == pytest.approx(0.1)
+    # slots free at 9 s (a: 90 tokens left) and 3 s (b: 30 left); the 1st waiter takes b's slot at 3 s, the 2nd
+    # the 1st waiter's slot when its 50 tokens end at 3 + 5 = 8 s, the 3rd a's slot at 9 s
+    assert [line.estimate(t) for t in waiting] == [pytest.approx(3.0), pytest.approx(8.0), pytest.approx(9.0)]
+    assert line.estimate(2) == pytest.approx(8.0)  # by place, as by ticket
+    previous = [line.estimate(t) for t in waiting]
+    for step in range(2, 4):  # steady progress: no estimate ever rises while its place stays the same
+        clock.now = step * 1.0
+        line.progress(a, 10 * step)
+        line.progress(b, 10 * step)
+        now = [line.estimate(t) for t in waiting]
+        assert all(n <= p + 1e-9 for n, p in zip(now, previous)), (now, previous)
+        previous = now
+    clock.now = 4.0
+    line.progress(a, 40)
+    line.progress(b, 40)
+    line.leave(b)  # b finished its budget: the 1st waiter starts, the others move up
+    assert line.poll(waiting[0]) == 0 and line.poll(waiting[1]) == 1
+    line.leave(a)  # a leaves early (Stop): the measured time per token of finished streams is kept
+    assert line.seconds_per_token() == pytest.approx(0.1)
+    assert line.estimate(waiting[0]) == 0.0  # running: no wait
+
+
+def test_fractional_top_k_and_max_new_tokens_are_rounded_with_a_note(engine):
+    settings, notes = engine.check_settings(0.8, 2.5, 3.7)
+    assert settings["top_k"] == 3 and settings["max_new"] == 4
+    assert "Top-k 2.5 is not a whole number: rounded to 3" in notes[0]
+    assert "Max new tokens 3.7 is not a whole number: rounded to 4" in notes[1]
+    settings, notes = engine.check_settings(0.8, 0.4, 5)
+    assert settings["top_k"] == 0 and "rounded to 0" in notes[0] and "no top-k filter" in notes[1]
+    assert engine.check_settings(0.8, 50, 5)[1] == []  # whole numbers: nothing to say
+
+
+def test_long_prompt_gives_no_false_indexing_errors_warning(engine, capfd):
+    """transformers warned "Token indices sequence length is longer than the specified maximum sequence length ...
+    will result in indexing errors" for every long prompt: the prompt is cut to the context, so it is not true."""
+    text = "word " * 10_000  # 10k tokens, beyond the tokenizer's model_max_length (8192)
+    assert len(engine.tokenizer(text[:60], add_special_tokens=False)["input_ids"]) > 0
+    settings, notes = engine.prepare(text, 0.8, 50, 8)
+    assert len(settings["ids"]) == CONTEXT - 8
+    err = capfd.readouterr().err
+    assert "indexing errors" not in err and "Token indices" not in err, err
 
 
 def test_incremental_decoding_hides_special_tokens_and_partial_characters(tokenizer):
