@@ -31,7 +31,7 @@ import gradio as gr
 import plotly.graph_objects as go
 from gradio.data_classes import GradioRootModel
 
-from serve import (MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
+from serve import (MAX_BATCH, MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
                    resolve_model_dir)
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +39,7 @@ EXPERTS_JSON = "experts.json"  # beside the weights; written by experts_report.p
 HEATMAP_EVERY = 8  # re-send the plotly heatmap every N tokens (and at the end); the token view updates every token
 # Admission, chosen by bench/bench_app_load.py on 2 cores (results/app_load.json): streams running at once, and how
 # many more may wait in line before visitors are asked to come back later
-QUEUE_WORKERS = 2
+QUEUE_WORKERS = MAX_BATCH  # running streams are decoded together in one batch (serve.Batcher)
 QUEUE_MAX_WAITING = 16
 WAIT_POLL_S = 0.25  # how often a waiting visitor's place in line is refreshed
 STOP_TEXT = "\nUser:"  # a chat reply ends where the model starts the visitor's next turn

@@ -9,6 +9,9 @@
 visitors' input (`prepare`, `check_settings`, `chat_prompt`), admits at most N streams at once (`Admission`) and
 streams tokens with their routing and the text so far (`Engine.tokens`, `TextAssembler`). Any load failure becomes
 `Engine.error`, a message for the page, never a traceback.
+
+Running streams are decoded together (`Batcher`: continuous batching, one decode-loop thread stepping every stream
+in one forward, generate.BatchDecoder); `Engine(batching=False)` gives each stream its own decode loop instead.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import statistics
 import threading
 import time
@@ -23,7 +27,7 @@ from collections import deque
 
 import torch
 
-from generate import generate
+from generate import BatchDecoder, generate
 from model import SmolLM2DeepSeek
 
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +39,9 @@ MAX_PROMPT_CHARS = 50_000  # longer prompts keep their end before tokenizing (th
 MAX_TEMPERATURE = 2.0
 # bf16 must beat fp32 by this factor in the start-up probe to be chosen (bf16 also costs some accuracy)
 BF16_MIN_SPEEDUP = 1.2
+# Streams decoded together in one batch (Batcher), also the streams admitted at once. Not yet chosen by measurement
+# on this project's machines (bench/bench_app_load.py --batch 8 16 compares bounds): 16 until it is.
+MAX_BATCH = 16
 
 
 def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
@@ -287,6 +294,114 @@ class Admission:
             return free[0]
 
 
+class _Request:
+    """One stream in the Batcher: its prompt and settings, where its tokens go (a queue the visitor's thread reads:
+    GeneratedToken, an exception, or _END) and whether its reader has gone (cancelled)."""
+
+    def __init__(self, ids, settings: dict):
+        self.ids, self.settings = ids, settings
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+
+
+_END = object()
+
+
+class Batcher:
+    """Continuous batching: one decode-loop thread steps every running stream in one forward (a step costs about
+    what one stream's does on a memory-bound CPU). A new stream is prefilled alone into a free row and joins at the
+    next step; a finished or cancelled one leaves without stalling the others; beyond max_batch streams a new one
+    waits for a free row (first come, first served). Each stream keeps its own temperature, top-k, budget, stop ids
+    and generator (settings["seed"]). A failing prefill ends only its stream, a failing step only the streams in it.
+    The thread and its BatchDecoder (and cache) exist only while there are streams."""
+
+    def __init__(self, model, max_batch: int = MAX_BATCH):
+        self.model, self.max_batch = model, max_batch
+        self._lock = threading.Lock()
+        self._joining: deque[_Request] = deque()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # batched forwards so far (tests, the bench)
+        self.running = 0  # streams in the batch after the last step
+
+    def stream(self, ids, settings: dict):
+        """The stream's GeneratedTokens (with routing) as they come; closing the iterator cancels the stream."""
+        request = _Request(ids, settings)
+        with self._lock:
+            self._joining.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self._thread.start()
+        try:
+            while (item := request.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True  # the loop gives its row back before its next step
+
+    def _loop(self):
+        decoder = None
+        try:
+            decoder = BatchDecoder(self.model, self.max_batch)
+            while True:
+                for stream in [s for s in decoder.streams if s.owner.cancelled]:
+                    decoder.leave(stream)
+                with self._lock:
+                    joins = []
+                    while self._joining and len(decoder.streams) + len(joins) < self.max_batch:
+                        joins.append(self._joining.popleft())
+                    if not joins and not decoder.streams:
+                        self._thread = None  # idle: the next stream starts a fresh loop
+                        return
+                for request in joins:
+                    self._join(decoder, request)
+                if decoder.streams:
+                    self._step(decoder)
+        except BaseException as err:  # never leave a reader waiting on a dead loop
+            with self._lock:
+                self._thread = None
+                pending = list(self._joining)
+                self._joining.clear()
+            for request in pending + [s.owner for s in (decoder.streams if decoder else [])]:
+                request.out.put(err)
+            raise
+
+    def _join(self, decoder: BatchDecoder, request: _Request) -> None:
+        if request.cancelled:
+            return
+        s = request.settings
+        try:
+            seed = s.get("seed")
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            stream, first = decoder.join(request.ids, s["max_new"], s["temperature"], s["top_k"],
+                                         eos_token_id=s.get("stop", -1), return_routing=True, generator=generator,
+                                         owner=request)
+        except Exception as err:  # bad input or a failed prefill: this stream ends, the batch goes on
+            request.out.put(err)
+            return
+        if first is not None:
+            request.out.put(first)
+        if stream.done:
+            request.out.put(_END)
+
+    def _step(self, decoder: BatchDecoder) -> None:
+        try:
+            results = decoder.step()
+        except Exception as err:  # the streams of this step end with the error; waiting ones start a new batch
+            for stream in list(decoder.streams):
+                decoder.leave(stream)
+                stream.owner.out.put(err)
+            self.running = 0
+            return
+        self.steps += 1
+        self.running = len(decoder.streams)
+        for stream, token in results:
+            if token is not None:
+                stream.owner.out.put(token)
+            if stream.done:
+                stream.owner.out.put(_END)
+
+
 def number_arg(value, default, name, notes) -> float:
     if value is None or value == "":
         notes.append(f"⚠️ No {name} given: using {default}.")
@@ -311,7 +426,9 @@ class Engine:
     """The loaded model and tokenizer (or why they could not be loaded), input checks and the streaming
     generation with routing capture. Per-session state (Stop presses, running streams) is keyed by session id."""
 
-    def __init__(self, model_dir: str, note: str | None = None, workers: int = 2, max_waiting: int = 16):
+    def __init__(self, model_dir: str, note: str | None = None, workers: int | None = None, max_waiting: int = 16,
+                 batching: bool = True, max_batch: int = MAX_BATCH):
+        """workers: streams admitted at once (default: max_batch when batching, else 2 per-stream decode loops)."""
         self.model_dir = model_dir
         self.note = note
         self.model = None
@@ -319,7 +436,10 @@ class Engine:
         self.error = None
         self.dtype_probe = None
         self.weights_hash = None
+        if workers is None:
+            workers = max_batch if batching else 2
         self.admission = Admission(workers, max_waiting)
+        self.batcher = None  # set once the model is loaded (batching=True)
         self.streams_started = 0  # counted for tests and the bench
         self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
         self.running: dict[str, str] = {}  # session -> the kind of its stream ("generate" / "chat")
@@ -351,6 +471,7 @@ class Engine:
             # end-of-turn token; a base model continues the plain transcript
             end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if self.tokenizer.chat_template else None
             self.end_of_turn = end if isinstance(end, int) and end != self.tokenizer.unk_token_id else None
+            self.batcher = Batcher(self.model, max_batch) if batching else None
         else:
             self.moe_layers, self.max_new_limit = [], SERVE_MAX_NEW_TOKENS
         if self.dtype_probe:
@@ -495,9 +616,16 @@ class Engine:
     # -- streaming -----------------------------------------------------------------------------------------------
     def tokens(self, ids: list[int], settings: dict):
         """Stream (token id, text piece, routing, assembler) per new token; routing has one dict per MoE layer {"layer",
-        "experts", "weights"}, highest weight first; the assembler holds the text so far (its .text, .final())."""
-        gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
-                       top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1))
+        "experts", "weights"}, highest weight first; the assembler holds the text so far (its .text, .final()).
+        settings: max_new, temperature, top_k, optional stop (ids) and seed (this stream's own random generator).
+        With batching the stream runs in the Batcher's shared decode loop; closing this iterator cancels it."""
+        if self.batcher is not None:
+            gen = self.batcher.stream(ids, settings)
+        else:
+            seed = settings.get("seed")
+            gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
+                           top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1),
+                           generator=None if seed is None else torch.Generator().manual_seed(seed))
         text = TextAssembler(self.tokenizer)
         try:
             for step in gen:
