@@ -255,6 +255,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
     balance_bias: bool = True  # the auxiliary-loss-free bias update after every optimizer step
+    balance_steps: int = 0  # > 0: the bias updates stop after this step (0: they run all the way)
     checkpoint_every: int = 500
     eval_every: int = 500
     eval_batches: int = 8
@@ -275,7 +276,7 @@ class TrainConfig:
                     "eval_batches", "keep_last", "log_every", "grad_clip", "hub_val_docs", "max_skipped_steps"]:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"key '{key}' must be > 0, got {getattr(self, key)!r}")
-        for key in ["steps", "extra_steps", "warmup_steps", "weight_decay", "eps", "sample_tokens"]:
+        for key in ["steps", "extra_steps", "warmup_steps", "weight_decay", "eps", "sample_tokens", "balance_steps"]:
             if getattr(self, key) < 0:
                 raise ConfigError(f"key '{key}' must be >= 0, got {getattr(self, key)!r}")
         if not 0 <= self.distill_weight <= 1:

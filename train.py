@@ -323,14 +323,15 @@ def autocast(device, amp_dtype):
 
 
 def train_step(model, optimizer, next_batch, cfg: TrainConfig, *, amp_dtype=None, scaler=None, ddp=None,
-               loss_fn=model_loss) -> StepResult:
+               loss_fn=model_loss, balance: bool = True) -> StepResult:
     """One optimizer step over cfg.grad_accum_steps micro-batches from `next_batch()` -> (inputs, targets).
 
     Backward under autocast (and GradScaler for fp16), no_sync on all but the last micro-batch under DDP (`ddp`, the
     wrapped `model`), the expert loads summed over micro-batches (all-reduced over ranks), gradient clipping, then
     the optimizer step and the loss-free balancing bias update -- or, if any loss or the gradient is not finite,
     neither (the step is skipped). Expert loads are reset for the next step. `loss_fn(model, x, y)` is where
-    another loss plugs in (the benchmarks run a transformers model through it); balancing applies to ours only.
+    another loss plugs in (the benchmarks run a transformers model through it); balancing applies to ours only, and
+    not at all with balance=False (the loop passes it past cfg.balance_steps).
     """
     device = next(model.parameters()).device
     forward = ddp if ddp is not None else model
@@ -370,7 +371,7 @@ def train_step(model, optimizer, next_batch, cfg: TrainConfig, *, amp_dtype=None
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if balancing and cfg.balance_bias:
+        if balancing and cfg.balance_bias and balance:
             model.update_bias(loads)  # once per optimizer step, from the whole global batch's loads
     if balancing:
         model.reset_expert_loads()
@@ -465,7 +466,8 @@ def train(run: Run, t: Trainer) -> None:
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
             result = train_step(model, t.optimizer, run.batches.next, cfg, amp_dtype=t.amp_dtype, scaler=t.scaler,
-                                ddp=t.ddp, loss_fn=run.loss_fn)
+                                ddp=t.ddp, loss_fn=run.loss_fn,
+                                balance=not cfg.balance_steps or step <= cfg.balance_steps)
             diverged = None
             if result.skipped:
                 # a NaN/inf loss or gradient: the update (and its loads) was dropped; count it and carry on, unless

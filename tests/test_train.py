@@ -161,6 +161,29 @@ def test_bias_update_once_per_optimizer_step_under_accumulation(train_data, tmp_
     assert bias.abs().sum() > 0  # it moved, through update_bias
 
 
+def test_balance_steps_stops_the_bias_updates_after_that_step(train_data, tmp_path, monkeypatch):
+    """balance_steps: N (config_heal.yaml's 400): the bias moves at steps 1..N and never after, so copies of one
+    expert that the bias keeps apart are not driven into a tie (results/heal/balancing_crossover.json)."""
+    import train
+    from model import SmolLM2DeepSeek
+
+    steps_seen = []
+    original = SmolLM2DeepSeek.update_bias
+
+    def counting(self, loads=None):
+        steps_seen.append(len(steps_seen) + 1)
+        return original(self, loads)
+
+    monkeypatch.setattr(SmolLM2DeepSeek, "update_bias", counting)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(train_data / "cache"))
+    config = tmp_path / "tiny_balance_steps.yaml"
+    config.write_text((train_data / "tiny.yaml").read_text().replace("train:\n", "train:\n  balance_steps: 2\n", 1))
+    cmd = train_cmd(train_data, tmp_path / "run", "--steps", "4", "--extra-steps", "1")[2:]
+    cmd[cmd.index("--config") + 1] = str(config)
+    train.main(cmd)
+    assert len(steps_seen) == 2  # steps 1 and 2 of 5
+
+
 def test_torchrun_two_ranks_keep_identical_bias(train_data, tmp_path):
     out = tmp_path / "ddp"
     import socket
