@@ -957,6 +957,11 @@ def main():
           f"{config.n_shared_experts} shared)")
     print(f"KV cache: {values} values per token per layer ({values * 4} bytes fp32, {values * 2} bytes bf16); "
           f"SmolLM2 GQA caches {gqa}: ratio {values / gqa:.3f}")
+    if config.is_hybrid:
+        mla, kda = len(config.mla_layers), len(config.kda_layers)
+        print(f"hybrid: {kda} KDA layers, {mla} MLA layers (NoPE) at {config.mla_layers}; the cache grows by "
+              f"{mla * values} values per token ({mla}/{config.num_hidden_layers} of all-MLA's) plus "
+              f"{kda} x {config.kda_state_values} fixed KDA state values per sequence")
 
 
 if __name__ == "__main__":
