@@ -339,3 +339,12 @@ def test_moonshot_config_and_refusals():
         ModelConfig.from_dict({**TINY, "layer_types": [FULL]})
     with pytest.raises(ConfigError, match="n_shared_experts"):
         ModelConfig.from_dict({**HYBRID, "n_shared_experts": 0})
+
+
+def test_quantize_pack_refuses_a_hybrid_by_name(tmp_path):
+    import quantize
+
+    hybrid().save_pretrained(str(tmp_path / "src"))
+    with pytest.raises(quantize.HybridNotSupported, match="hybrid"):
+        quantize.pack(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst" / quantize.QUANTIZED_FILE).exists()
