@@ -22,3 +22,21 @@ def test_gpu_training_benchmark_smoke_run_on_cpu(tmp_path):
     # the same weights in ours and the transformers twin: the same first-step loss
     models = data["models"]
     assert abs(models["ours eager"]["first_loss"] - models["transformers deepseek_v3"]["first_loss"]) < 1e-4
+
+
+def test_long_decode_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "long_decode.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_long_decode.py"), "--tiny",
+                             "--no-transformers", "--contexts", "8", "40", "--steps", "2", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = data["models"]
+    assert set(rows) == {"ours all-MLA", "ours hybrid"}
+    for row in rows.values():
+        assert all(r["step_ms"] > 0 and r["cache_bytes"] > 0 for r in row.values())
+    # the all-MLA cache grows with the context; the hybrid's grows 4x slower (one MLA layer of four)
+    mla, hyb = rows["ours all-MLA"], rows["ours hybrid"]
+    assert mla["40"]["cache_bytes"] == 5 * mla["8"]["cache_bytes"]
+    assert (hyb["40"]["cache_bytes"] - hyb["8"]["cache_bytes"]) * 4 == mla["40"]["cache_bytes"] - mla["8"]["cache_bytes"]
