@@ -348,3 +348,10 @@ def test_quantize_pack_refuses_a_hybrid_by_name(tmp_path):
     with pytest.raises(quantize.HybridNotSupported, match="hybrid"):
         quantize.pack(str(tmp_path / "src"), str(tmp_path / "dst"))
     assert not (tmp_path / "dst" / quantize.QUANTIZED_FILE).exists()
+
+
+def test_about_shows_the_layer_pattern_of_a_hybrid_only():
+    app = pytest.importorskip("app")
+    row = app.layer_pattern_row(ModelConfig.from_dict(HYBRID))
+    assert "`K K M K`" in row and "layers 2" in row and row.startswith("| Layer pattern |")
+    assert app.layer_pattern_row(ModelConfig.from_dict(TINY)) == ""
