@@ -355,3 +355,16 @@ def test_about_shows_the_layer_pattern_of_a_hybrid_only():
     row = app.layer_pattern_row(ModelConfig.from_dict(HYBRID))
     assert "`K K M K`" in row and "layers 2" in row and row.startswith("| Layer pattern |")
     assert app.layer_pattern_row(ModelConfig.from_dict(TINY)) == ""
+
+
+def test_optimizer_does_not_decay_the_kda_rates():
+    from config import TrainConfig
+    from train import build_optimizer
+
+    model = hybrid()
+    opt = build_optimizer(model, TrainConfig(), torch.device("meta"))
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    kda = model.model.layers[0].self_attn
+    assert id(kda.forget_gate.A_log) in no_decay and id(kda.forget_gate.dt_bias) in no_decay
+    assert id(kda.q_proj.weight) not in no_decay
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
