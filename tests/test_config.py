@@ -57,6 +57,11 @@ def test_hybrid_config_is_the_design_card_with_kda_layers():
     tokens = 8192
     ours = len(hybrid.mla_layers) * tokens * 144 + len(hybrid.kda_layers) * hybrid.kda_state_values
     assert ours <= 0.3 * full.num_hidden_layers * tokens * 144
+    # the CPU twin (for a trained comparison): config_cpu.yaml but for the KDA layers
+    cpu, twin = (ModelConfig.from_yaml(os.path.join(ROOT, name)) for name in ("config_cpu.yaml",
+                                                                              "config_cpu_hybrid.yaml"))
+    differ = {k for k, v in vars(cpu).items() if getattr(twin, k) != v}
+    assert differ == {"layer_types", "linear_num_heads", "linear_head_dim"} and twin.mla_layers == [3]
 
 
 @pytest.mark.parametrize("hf, message", [
