@@ -3,6 +3,8 @@ Mixture-of-Experts with auxiliary-loss-free load balancing.
 
 One readable file in the spirit of nanoGPT and DeepSeek-V3's inference/model.py. Weights and config.json follow the
 Hugging Face `deepseek_v3` format, so `transformers.AutoModelForCausalLM` loads our checkpoints with the same logits.
+With `layer_types` (issue 22) some layers are KDA (KimiDeltaAttention, linear attention with a fixed-size state) and
+the model is a Kimi Linear hybrid, saved in transformers' `kimi_linear` format.
 
     from model import SmolLM2DeepSeek, ModelConfig
     model = SmolLM2DeepSeek(ModelConfig.from_yaml("config_smollm2_135.yaml"))
