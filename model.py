@@ -371,13 +371,18 @@ class KimiDeltaAttention(nn.Module):
                 attn_impl: str = "naive", kda_impl: str | None = None):
         """x [B, T, d] -> [B, T, d]; the same call as MLA.forward (cos, sin and attn_impl unused: no rope, one way
         to attend). With a cache, a call at start_pos 0 starts from zero state; later calls continue the cached
-        one (the state cannot be rewound: continue where the last call ended). kda_impl: "recurrent", "chunked",
+        one (the state cannot be rewound: continue where the last call ended); a [B] start_pos decides per row.
+        kda_impl: "recurrent", "chunked",
         or None: recurrent for no-grad calls of up to KDA_RECURRENT_MAX_T tokens, chunked otherwise."""
         B, T, _ = x.shape
         H, dk, K = self.n_heads, self.head_dim, self.kernel
         mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)  # [B, 3D, T]
-        resume = cache is not None and start_pos > 0
+        # per-row positions (a [B] start_pos, batched decoding): rows at 0 start from zero state, the others resume
+        fresh = (start_pos == 0) if torch.is_tensor(start_pos) else None
+        resume = cache is not None and (fresh is not None or start_pos > 0)
         past = cache.conv[self.cache_idx, :B].to(mixed.dtype) if resume else mixed.new_zeros(B, mixed.shape[1], K - 1)
+        if resume and fresh is not None:
+            past = past.masked_fill(fresh.view(B, 1, 1), 0)
         mixed = torch.cat([past, mixed], dim=-1)  # [B, 3D, K - 1 + T]: causal, the past (or zeros) on the left
         if cache is not None:
             cache.conv[self.cache_idx, :B] = mixed[:, :, mixed.shape[-1] - (K - 1):]
@@ -387,6 +392,8 @@ class KimiDeltaAttention(nn.Module):
         g = self.forget_gate(x)
         beta = torch.sigmoid(self.b_proj(x))  # [B, T, H]
         state = cache.state[self.cache_idx, :B] if resume else None
+        if resume and fresh is not None:
+            state = state.masked_fill(fresh.view(B, 1, 1, 1), 0)
         if kda_impl is None:
             grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.q_proj.weight, self.b_proj.weight))
             kda_impl = "recurrent" if not grad and T <= KDA_RECURRENT_MAX_T else "chunked"

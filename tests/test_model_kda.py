@@ -368,3 +368,20 @@ def test_optimizer_does_not_decay_the_kda_rates():
     assert id(kda.forget_gate.A_log) in no_decay and id(kda.forget_gate.dt_bias) in no_decay
     assert id(kda.q_proj.weight) not in no_decay
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_kda_layer_with_per_row_positions_resumes_only_rows_past_zero():
+    """A [B] start_pos (batched decoding): a row at 0 starts from zero state, a row past 0 continues its cache."""
+    cfg = ModelConfig.from_dict(HYBRID)
+    layer = randomize(KimiDeltaAttention(cfg, 0))
+    x = torch.randn(2, 9, 48, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = layer(x)
+        cache = LatentCache(cfg, 2, 9, "cpu", torch.float32)
+        solo = LatentCache(cfg, 1, 9, "cpu", torch.float32)
+        layer(x[1:, :6], cache=solo, start_pos=0)  # row 1 has 6 tokens behind it
+        cache.conv[:, 1:], cache.state[:, 1:] = solo.conv, solo.state
+        cache.conv[:, :1].normal_(), cache.state[:, :1].normal_()  # row 0: junk a fresh row must ignore
+        out = layer(torch.stack([x[0, :3], x[1, 6:9]]), cache=cache, start_pos=torch.tensor([0, 6]))
+    close(out[0], full[0, :3], 1e-5)
+    close(out[1], full[1, 6:9], 1e-5)
