@@ -154,7 +154,7 @@ class ModelConfig:
                               f"{self.max_position_embeddings}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"key 'q_lora_rank' must be > 0 or null, got {self.q_lora_rank!r}")
-        if self.qk_rope_head_dim % 2:
+        if self.qk_rope_head_dim % 2 and not self.is_hybrid:  # a hybrid's MLA never rotates
             raise ConfigError(f"key 'qk_rope_head_dim' must be even (rope rotates pairs), got {self.qk_rope_head_dim}")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(f"key 'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "

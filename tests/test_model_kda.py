@@ -206,7 +206,8 @@ def test_hybrid_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_pat
     assert mine == theirs.tolist()
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=12, n_group=4, topk_group=2, num_experts_per_tok=3)])
+@pytest.mark.parametrize("overrides", [dict(), dict(q_lora_rank=12, n_group=4, topk_group=2, num_experts_per_tok=3,
+                                                  qk_rope_head_dim=3)])
 def test_transformers_kimi_linear_loads_with_same_logits_and_saves_back(tmp_path, overrides):
     hf = randomize(transformers.KimiLinearForCausalLM(hf_kimi_config(**overrides)))
     hf.save_pretrained(str(tmp_path / "theirs"))
