@@ -15,6 +15,7 @@ API: /generate(prompt, temperature, top_k, max_new_tokens) and /chat(message, hi
 max_new_tokens), both streaming (gradio_client).
 """
 import asyncio
+import base64
 import contextlib
 import html
 import json
@@ -23,12 +24,14 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import gradio as gr
 import plotly.graph_objects as go
+from gradio.data_classes import GradioRootModel
 
-from serve import (MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
+from serve import (MAX_BATCH, MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_text, display_path, probe_summary,
                    resolve_model_dir)
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -36,7 +39,7 @@ EXPERTS_JSON = "experts.json"  # beside the weights; written by experts_report.p
 HEATMAP_EVERY = 8  # re-send the plotly heatmap every N tokens (and at the end); the token view updates every token
 # Admission, chosen by bench/bench_app_load.py on 2 cores (results/app_load.json): streams running at once, and how
 # many more may wait in line before visitors are asked to come back later
-QUEUE_WORKERS = 2
+QUEUE_WORKERS = MAX_BATCH  # running streams are decoded together in one batch (serve.Batcher)
 QUEUE_MAX_WAITING = 16
 WAIT_POLL_S = 0.25  # how often a waiting visitor's place in line is refreshed
 STOP_TEXT = "\nUser:"  # a chat reply ends where the model starts the visitor's next turn
@@ -70,8 +73,8 @@ def busy_message(engine: Engine) -> str:
             "minute.")
 
 
-def waiting_message(engine: Engine, place: int) -> str:
-    eta = engine.admission.estimate(place)
+def waiting_message(engine: Engine, ticket, place: int) -> str:
+    eta = engine.admission.estimate(ticket)
     when = f"about {eta:.0f} s before yours starts" if eta is not None else "it starts as soon as a slot frees up"
     return (f"⏳ **In line**: number {place} (the Space runs {engine.admission.workers} generations at once on 2 CPU "
             f"cores); {when}.")
@@ -131,7 +134,8 @@ class Streams:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.layer_choice: dict[str, int] = {}  # session -> MoE layer shown in the token views
+        # (session, tab) -> the MoE layer that tab's token view shows: each tab keeps its own choice
+        self.layer_choice: dict[tuple[str, str], int] = {}
 
     def _begin(self, session, kind) -> bool:
         """Claim this session's one stream (False: it already has one running, e.g. two clicks in one tick)."""
@@ -163,40 +167,41 @@ class Streams:
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()  # its stream is already running
             return
         async for update in self._in_line(
-                session,
+                session, settings["max_new"],
                 busy=lambda: ("", busy_message(engine), empty_view("Nothing generated: the Space is busy."), None,
                               None),
-                waiting=lambda place: ("", waiting_message(engine, place), empty_view("Waiting for a free slot…"),
-                                       None, None),
-                run=lambda: self._generate_admitted(settings, notes, session)):
+                waiting=lambda ticket, place: ("", waiting_message(engine, ticket, place),
+                                               empty_view("Waiting for a free slot…"), None, None),
+                run=lambda ticket: self._generate_admitted(settings, notes, session, ticket)):
             yield update
 
-    async def _in_line(self, session, busy, waiting, run):
-        """A stream through the admission line, after _begin let the session start one: `busy()` when the line is
-        full, `waiting(place)` while it waits, then run()'s updates once admitted; the slot is always given back."""
+    async def _in_line(self, session, budget, busy, waiting, run):
+        """A stream of up to `budget` tokens through the admission line, after _begin let the session start one:
+        `busy()` when the line is full, `waiting(ticket, place)` while it waits, then run(ticket)'s updates once
+        admitted; the slot is always given back."""
         engine = self.engine
         try:
-            ticket = engine.admission.join()
+            ticket = engine.admission.join(budget)
             if ticket is None:
                 yield busy()
                 return
-            admitted, t_start = False, time.perf_counter()
+            admitted = False
             try:
                 async for place in _wait_turn(engine, ticket):
-                    yield waiting(place)
-                admitted, t_start = True, time.perf_counter()
+                    yield waiting(ticket, place)
+                admitted = True
                 engine.streams_started += 1
-                async for update in run():
+                async for update in run(ticket):
                     yield update
             finally:
                 if admitted:
-                    engine.admission.leave(time.perf_counter() - t_start)
+                    engine.admission.leave(ticket)
                 else:
                     engine.admission.cancel(ticket)
         finally:
             self._end(session)
 
-    async def _token_steps(self, data, ids, settings, session, outcome: "StreamOutcome"):
+    async def _token_steps(self, data, ids, settings, session, ticket, outcome: "StreamOutcome"):
         """The stream's tokens from the engine (in a worker thread), each added to `data`; yields the token count
         after each. It ends at the Stop button or the end-of-text token (outcome.reason says which) or on a failure
         (outcome.error: reported with what was generated so far); the engine's producer is always closed."""
@@ -206,6 +211,7 @@ class Streams:
             while (step := await _next(steps)) is not None:
                 token_id, piece, routing, outcome.text = step
                 add_token(data, token_id, piece, routing)
+                engine.admission.progress(ticket, len(data["tokens"]))  # what waiting visitors' estimates use
                 if session is not None and session in engine.stopping:
                     outcome.reason = "stopped with the Stop button"
                     return
@@ -218,22 +224,27 @@ class Streams:
         finally:
             _close(steps)
 
-    def _new_view(self, ids, settings, notes, session):
-        """A fresh routing record for a stream, its status header, token view and the layer the session shows."""
+    def _layer(self, session, tab: str):
+        """The MoE layer `tab` ("generate" or "chat") shows for this session: its own dropdown's last choice."""
+        default = self.engine.moe_layers[0] if self.engine.moe_layers else None
+        return self.layer_choice.get((session, tab), default)
+
+    def _new_view(self, ids, settings, notes):
+        """A fresh routing record for a stream, its status header and token view."""
         engine = self.engine
         header = "\n\n".join(notes + [_settings_line(settings, len(ids))])
-        layer = self.layer_choice.get(session, engine.moe_layers[0] if engine.moe_layers else None)
-        return new_record(engine, ids), header, TokenView(engine.moe_layers), layer
+        return new_record(engine, ids), header, TokenView(engine.moe_layers)
 
-    async def _generate_admitted(self, settings, notes, session):
+    async def _generate_admitted(self, settings, notes, session, ticket):
         ids, max_new = settings["ids"], settings["max_new"]
-        data, header, view, layer = self._new_view(ids, settings, notes, session)
+        data, header, view = self._new_view(ids, settings, notes)
+        layer = self._layer(session, "generate")
         yield "", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data), _snapshot(data)
         t0, outcome = time.perf_counter(), StreamOutcome()
-        async with contextlib.aclosing(self._token_steps(data, ids, settings, session, outcome)) as tokens:
+        async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
                 if n < max_new:
-                    layer = self.layer_choice.get(session, layer)
+                    layer = self._layer(session, "generate")
                     rate = n / max(time.perf_counter() - t0, 1e-9)
                     plot = load_heatmap(data) if n % HEATMAP_EVERY == 0 else gr.skip()
                     yield (outcome.text.text, f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)",
@@ -244,14 +255,17 @@ class Streams:
         done = outcome.error or (
             f"{label}: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); {outcome.reason}."
             if n else "✓ Done: the model ended the text at once (end-of-text token); nothing to show.")
-        layer = self.layer_choice.get(session, layer)
+        layer = self._layer(session, "generate")
         data["text"] = outcome.text.final() if outcome.text else ""
         yield data["text"], f"{header}\n\n{done}", view.render(data, layer), load_heatmap(data), _snapshot(data)
 
     async def chat(self, message, history, temperature, top_k, max_new_tokens, request: gr.Request = None):
         """`/chat`: yields (conversation, status, token view html of the reply, routing json of the reply)."""
         engine, session = self.engine, _session(request)
-        history = normalise_history(history)
+        history, problem = normalise_history(history)
+        if problem:  # an API client sent something that is not a conversation: say what, never a traceback
+            yield [], f"⚠️ **The chat history was not understood**: {problem}.", gr.skip(), gr.skip()
+            return
         message = "" if message is None else str(message)
         if not engine.ok:
             yield history, error_markdown(engine), empty_view("No model loaded."), None
@@ -273,20 +287,22 @@ class Streams:
             return
         conversation = history + [{"role": "user", "content": message}]
         async for update in self._in_line(
-                session,
+                session, settings["max_new"],
                 busy=lambda: (conversation, busy_message(engine), empty_view("Nothing generated: the Space is busy."),
                               None),
-                waiting=lambda place: (conversation, waiting_message(engine, place), gr.skip(), gr.skip()),
-                run=lambda: self._chat_admitted(conversation, ids, settings, notes, session)):
+                waiting=lambda ticket, place: (conversation, waiting_message(engine, ticket, place), gr.skip(),
+                                               gr.skip()),
+                run=lambda ticket: self._chat_admitted(conversation, ids, settings, notes, session, ticket)):
             yield update
 
-    async def _chat_admitted(self, conversation, ids, settings, notes, session):
-        data, header, view, layer = self._new_view(ids, settings, notes, session)
+    async def _chat_admitted(self, conversation, ids, settings, notes, session, ticket):
+        data, header, view = self._new_view(ids, settings, notes)
+        layer = self._layer(session, "chat")
         data["prompt"] = ""  # the token view shows the reply alone (the transcript is on the left)
         reply = {"role": "assistant", "content": ""}
         yield conversation + [reply], f"{header}\n\n⏳ Replying…", view.render(data, layer), _snapshot(data)
         t0, outcome = time.perf_counter(), StreamOutcome()
-        async with contextlib.aclosing(self._token_steps(data, ids, settings, session, outcome)) as tokens:
+        async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
                 cut = outcome.text.text.find(STOP_TEXT)
                 if cut >= 0:  # the model started the visitor's next turn: the reply ends before it
@@ -294,7 +310,7 @@ class Streams:
                     _keep_tokens_before(data, cut)
                     break
                 reply["content"] = shown_reply(outcome.text.text)
-                layer = self.layer_choice.get(session, layer)
+                layer = self._layer(session, "chat")
                 yield (conversation + [dict(reply)], f"{header}\n\n⏳ Replying… {n} tokens",
                        view.render(data, layer), _snapshot(data))
         full = outcome.text.final() if outcome.text else ""
@@ -306,7 +322,7 @@ class Streams:
             reply["content"] = "…"  # an empty bubble would look like a bug: say nothing came
         done = outcome.error or (f"✓ Done: {n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s); "
                                  f"{outcome.reason}.")
-        layer = self.layer_choice.get(session, layer)
+        layer = self._layer(session, "chat")
         view.spans = []  # tokens may have been dropped after the stop: redraw
         yield conversation + [reply], f"{header}\n\n{done}", view.render(data, layer), _snapshot(data)
 
@@ -316,22 +332,30 @@ class Streams:
         if session is not None and session in self.engine.running:
             self.engine.stopping.add(session)
 
-    def select_layer(self, layer, data, request: gr.Request = None):
-        """A layer dropdown: remember the choice for this session's streams and redraw a token view."""
+    def select_layer(self, tab: str, layer, data, request: gr.Request = None):
+        """`tab`'s layer dropdown ("generate" or "chat"): remember the choice for this session's streams in that tab
+        (the other tab keeps its own) and redraw that tab's token view."""
         session = _session(request)
         try:
             layer = int(layer)
         except (TypeError, ValueError):
             layer = self.engine.moe_layers[0] if self.engine.moe_layers else None
         if session is not None:
-            self.layer_choice[session] = layer
+            self.layer_choice[(session, tab)] = layer
         if not data or not data.get("moe_layers"):
             return empty_view("Generate some text to see its routing.")
         return TokenView(data["moe_layers"]).render(data, layer)
 
+    def select_generate_layer(self, layer, data, request: gr.Request = None):
+        return self.select_layer("generate", layer, data, request)
+
+    def select_chat_layer(self, layer, data, request: gr.Request = None):
+        return self.select_layer("chat", layer, data, request)
+
     def forget_session(self, request: gr.Request = None):
         session = _session(request)
-        self.layer_choice.pop(session, None)
+        for tab in ("generate", "chat"):
+            self.layer_choice.pop((session, tab), None)
         self.engine.stopping.discard(session)
 
 
@@ -365,16 +389,28 @@ def shown_reply(text: str) -> str:
     return text.strip()
 
 
-def normalise_history(history) -> list[dict]:
-    """A Chatbot value (from the page or an API client) -> [{"role", "content": str}], text messages only."""
+def normalise_history(history) -> tuple[list[dict], str | None]:
+    """A Chatbot value (from the page or an API client) -> ([{"role", "content": str}], None), text messages only;
+    or ([], what is wrong) for a value that is not a conversation (the caller tells the client, no traceback)."""
+    if history is None or history == "":
+        return [], None
+    if not isinstance(history, (list, tuple)):
+        return [], f"expected a list of messages, got {type(history).__name__}"
     out = []
-    for m in history or []:
+    for i, m in enumerate(history, 1):
         if isinstance(m, (list, tuple)) and len(m) == 2:  # [user, assistant] pairs from older clients
             out += [{"role": "user", "content": _content_text(m[0])},
                     {"role": "assistant", "content": _content_text(m[1])}]
         elif isinstance(m, dict) and m.get("role") in ("user", "assistant"):
             out.append({"role": m["role"], "content": _content_text(m.get("content"))})
-    return [m for m in out if m["content"] is not None]
+        elif isinstance(m, dict):
+            role = str(m.get("role"))[:40]
+            return [], (f"message {i} has the role {role!r}; each message needs \"role\": \"user\" or "
+                        "\"assistant\" and a \"content\"")
+        else:
+            return [], (f"message {i} is a {type(m).__name__}, not a {{\"role\", \"content\"}} message or a "
+                        "[user, assistant] pair")
+    return [m for m in out if m["content"] is not None], None
 
 
 def _content_text(content) -> str | None:
@@ -428,7 +464,8 @@ class TokenView:
             chips = "".join(f'<span style="background:{expert_color(e)};color:#111;border-radius:4px;padding:1px 6px;'
                             f'margin-right:4px">E{e}</span>' for e in range(len(data["expert_load"][pos])))
             legend = (f'<div style="margin-bottom:6px;font-size:0.85em;line-height:1.9">Layer {layer}: colour = '
-                      'top-weighted routed expert, underline = its weight; hover a token for every layer. '
+                      'top-weighted routed expert, underline = its weight; tap (or hover) a token to see its '
+                      'routing in every layer. '
                       f'{chips}</div>')
         # Append-only on purpose: while streaming each update only adds spans, so Gradio sends just the new ones
         # (it diffs string outputs by prefix). The HTML parser closes the two open divs at the end of the fragment.
@@ -445,7 +482,9 @@ def token_span(token: dict, pos: int | None) -> str:
                      ", ".join(f"E{e} {w:.2f}" for e, w in zip(r["experts"], r["weights"])))
     title = html.escape("\n".join(lines), quote=True)
     text = token["text"]
-    shown = html.escape(text.replace("\n", "↵\n")) if text else "&#8203;"
+    # a token that completes no character on its own (one byte of a multi-byte one) gets a mark: an empty span
+    # could be neither seen nor tapped
+    shown = html.escape(text.replace("\n", "↵\n")) if text else '<span style="color:#888">◌</span>'
     if pos is None or pos >= len(token["routing"]):
         return f'<span class="tok" title="{title}">{shown}</span>'
     top = token["routing"][pos]["experts"][0]
@@ -488,17 +527,40 @@ def load_experts_report(engine: Engine) -> tuple[dict | None, str]:
         return None, "No model loaded."
     if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
         return None, (f"No expert report beside this checkpoint (`{EXPERTS_JSON}`). Make one with "
-                      "`python experts_report.py` (a few seconds).")
+                      f"{report_command(engine.model_dir)} (a few seconds).")
     if report.get("weights_sha256") != engine.weights_hash:
         return None, (f"⚠️ The expert report beside this checkpoint is **stale**: it was computed from other weights "
                       f"(sha256 {str(report.get('weights_sha256'))[:12]}…, these are {engine.weights_hash[:12]}…), "
-                      "so it is not shown. Regenerate it with `python experts_report.py`.")
+                      f"so it is not shown. Regenerate it with {report_command(engine.model_dir)}.")
     sample = report.get("sample", {})
-    return report, (f"Over a fixed sample of {sample.get('tokens', '?')} tokens ({sample.get('name', 'text')}), the "
+    texts = sample.get("texts")
+    what = f"{texts} short paragraphs in the style of the training textbooks" if isinstance(texts, int) else "text"
+    return report, (f"Over a fixed sample of {sample.get('tokens', '?')} tokens ({what}), the "
                     "tokens each routed expert took most often. **share** = that token's part of the expert's load; "
                     "**of token** = how often that token went to this expert (out of all its occurrences). The bar "
                     "under each expert is its load relative to an even split. Tokens shown are what the router "
                     "picked, not what an expert 'means'.")
+
+
+WHITESPACE_MARKS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
+
+
+def shown_token(token: str) -> str:
+    """A token as the Experts tab shows it: whitespace drawn (␣ ↵ ⇥), other control characters escaped, an empty
+    one as ◌, so no cell looks blank."""
+    if not token:
+        return "◌"
+    return "".join(WHITESPACE_MARKS.get(c) or (repr(c)[1:-1] if not c.isprintable() else c) for c in token)
+
+
+def report_command(model_dir: str) -> str:
+    """The command that writes experts.json for the served model: its directory named when it is inside the app
+    (a path outside it is not shown to visitors; experts_report.py then follows the app's MODEL_DIR)."""
+    where = display_path(model_dir)
+    if os.path.abspath(model_dir).startswith(APP_DIR + os.sep):
+        return f"`python experts_report.py {where}` (it writes `{where}/{EXPERTS_JSON}`)"
+    return (f"`python experts_report.py` run with the app's `MODEL_DIR` (it writes `{EXPERTS_JSON}` into the served "
+            f"model's directory, `…/{where}`)")
 
 
 def experts_table(report: dict | None, layer) -> str:
@@ -515,22 +577,23 @@ def experts_table(report: dict | None, layer) -> str:
     cells = []
     for e in experts:
         rows = "".join(
-            f'<tr><td class="tokcell"><code>{html.escape(repr(t["token"])[1:-1] or "·")}</code></td>'
+            f'<tr><td class="tokcell" title="{html.escape(repr(t["token"]), quote=True)}">'
+            f'<code>{html.escape(shown_token(t["token"]))}</code></td>'
             f'<td style="text-align:right">{100 * t["share"]:.0f}%</td>'
             f'<td style="text-align:right;color:#666">{100 * t["of_token"]:.0f}%</td></tr>'
             for t in e["top"])
         rel = e["load"] / even
         cells.append(
-            f'<div class="expert-card" data-expert="{e["expert"]}" style="border:1px solid #ddd;border-radius:6px;'
-            f'padding:6px;min-width:150px;flex:1 1 150px">'
+            f'<div class="expert-card" data-expert="{e["expert"]}">'
             f'<div style="background:{expert_color(e["expert"])};color:#111;border-radius:4px;padding:2px 6px;'
             f'font-weight:600">E{e["expert"]} · {e["load"]} tokens</div>'
             f'<div title="load vs an even split" style="height:5px;background:#eee;margin:4px 0">'
             f'<div style="height:5px;width:{min(100, 50 * rel):.0f}%;background:#555"></div></div>'
-            f'<table style="width:100%;font-size:0.85em;border-collapse:collapse"><tr><th style="text-align:left">'
-            f'token</th><th>share</th><th>of token</th></tr>{rows}</table></div>')
-    return (f'<div id="experts-grid" data-layer="{entry["layer"]}" style="display:flex;flex-wrap:wrap;gap:8px">'
-            + "".join(cells) + "</div>")
+            '<table><colgroup><col style="width:46%"><col style="width:24%"><col style="width:30%"></colgroup>'
+            f'<tr><th style="text-align:left">token</th><th>share</th><th>of token</th></tr>{rows}</table></div>')
+    # the grid and the fixed-layout tables are styled in CSS below: every card is as wide as its column and every
+    # table as wide as its card, whatever the tokens
+    return f'<div id="experts-grid" data-layer="{entry["layer"]}">' + "".join(cells) + "</div>"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -717,14 +780,53 @@ def error_markdown(engine: Engine) -> str:
 CSS = """
 #about-text table { display: block; overflow-x: auto; }
 #about-text td, #about-text th { word-break: normal; overflow-wrap: normal; hyphens: none; min-width: 7em; }
+/* Experts: an even grid (at most 4 columns, at least 160 px each: 2 rows of 4 cards on a laptop, 2 columns on a
+   phone); each card as wide as its column, each table as wide as its card (fixed layout: long tokens are cut with
+   an ellipsis, their full text in the cell's title) */
+#experts-grid { display: grid; gap: 8px;
+  grid-template-columns: repeat(auto-fill, minmax(max(160px, calc((100% - 24px) / 4)), 1fr)); }
+#experts-grid .expert-card { border: 1px solid #ddd; border-radius: 6px; padding: 6px; min-width: 0;
+  overflow: hidden; }
+#experts-grid table { width: 100%; table-layout: fixed; border-collapse: collapse; font-size: 0.85em; margin: 0; }
+#experts-grid th, #experts-grid td { padding: 1px 3px; min-width: 0; overflow: hidden; text-overflow: ellipsis;
+  border: none; }
+#experts-grid th { font-weight: 600; overflow-wrap: anywhere; }
+#experts-grid td.tokcell { white-space: nowrap; }
 #experts-grid code { white-space: pre; }
+/* action buttons keep their label on one line (a phone gave "New" / "chat") */
+.action-row button { white-space: nowrap; }
+/* a tapped token's routing (TAP_JS) */
+#token-info { position: fixed; z-index: 1000; max-width: min(92vw, 440px); white-space: pre-wrap;
+  font: 12px/1.4 ui-monospace, monospace; background: #fff; color: #111; border: 1px solid #888;
+  border-radius: 6px; padding: 6px 8px; box-shadow: 0 2px 8px rgba(0, 0, 0, .25); }
+span.tok { cursor: pointer; }
 """
+# A phone cannot hover: tapping (clicking) a token shows its title (the routing in every layer) in a box beside it;
+# tapping elsewhere or scrolling closes it
+TAP_JS = """() => {
+  const close = () => { const box = document.getElementById('token-info'); if (box) box.remove(); };
+  document.addEventListener('click', (ev) => {
+    const tok = ev.target.closest ? ev.target.closest('span.tok') : null;
+    if (!tok) { if (!(ev.target.closest && ev.target.closest('#token-info'))) close(); return; }
+    let box = document.getElementById('token-info');
+    if (!box) { box = document.createElement('div'); box.id = 'token-info'; document.body.appendChild(box); }
+    box.textContent = tok.getAttribute('title') || '';
+    const r = tok.getBoundingClientRect(), w = box.offsetWidth, h = box.offsetHeight;
+    box.style.left = Math.max(4, Math.min(r.left, window.innerWidth - w - 4)) + 'px';
+    box.style.top = (r.bottom + 6 + h <= window.innerHeight ? r.bottom + 6 : Math.max(4, r.top - h - 6)) + 'px';
+  });
+  window.addEventListener('scroll', close, {passive: true});
+}"""
 # Pressing Generate on a phone: the columns stack, so bring the output box into view as the stream starts
-SCROLL_TO_OUTPUT = """() => {
+# (the Generate event's own js: it runs in the browser before the request and passes the inputs on unchanged; a
+# separate js-only event on the same click ran only after the stream had ended)
+SCROLL_TO_OUTPUT = """(...args) => {
   const out = document.querySelector('#output');
-  if (!out) return;
-  const r = out.getBoundingClientRect();
-  if (r.top < 0 || r.bottom > window.innerHeight) out.scrollIntoView({block: 'start', behavior: 'instant'});
+  if (out) {
+    const r = out.getBoundingClientRect();
+    if (r.top < 0 || r.bottom > window.innerHeight) out.scrollIntoView({block: 'start', behavior: 'instant'});
+  }
+  return args;
 }"""
 CHAT_LIMITS = (
     "**What to expect**: this is a small *base* model trained on textbooks, not a chat assistant. The conversation "
@@ -768,7 +870,7 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
                     with gr.Column(scale=1, min_width=300):
                         prompt = gr.Textbox(label="Prompt", lines=4, elem_id="prompt", autofocus=True,
                                             placeholder="Photosynthesis is the process by which")
-                        with gr.Row():
+                        with gr.Row(elem_classes="action-row"):
                             generate = gr.Button("Generate", variant="primary", elem_id="generate",
                                                  interactive=engine.ok, min_width=80)
                             stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=60)
@@ -792,11 +894,15 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
                 gr.Markdown(CHAT_LIMITS if engine.end_of_turn is None else CHAT_MODEL_LIMITS, elem_id="chat-limits")
                 with gr.Row():
                     with gr.Column(scale=3, min_width=300):
-                        chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=380,
+                        # plain text, as the routing view shows the same reply (Markdown made "- " a list); no
+                        # floating label over the messages
+                        chatbot = gr.Chatbot(label="Conversation", show_label=False, elem_id="chatbot", height=380,
+                                             render_markdown=False,
                                              placeholder="Say something; the model continues the transcript.")
+                        accept_any_history(chatbot)
                         chat_in = gr.Textbox(label="Message", lines=1, elem_id="chat-input",
                                              placeholder="Tell me about photosynthesis.")
-                        with gr.Row():
+                        with gr.Row(elem_classes="action-row"):
                             send = gr.Button("Send", variant="primary", elem_id="chat-send", interactive=engine.ok,
                                              min_width=80)
                             chat_stop = gr.Button("Stop", variant="stop", elem_id="chat-stop", min_width=60)
@@ -820,21 +926,23 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
                 gr.Markdown(about_markdown(engine), elem_id="about-text")
                 plot_path = _find(engine.model_dir, "training_plot.png")
                 # a PIL image, not the path: a path would put the server's own layout into the page config
-                gr.Image(value=_open_image(plot_path), label="Training curves", visible=plot_path is not None,
-                         interactive=False, height=480, format="png", elem_id="training-plot")
+                # the plot at the page's width and its own aspect (a fixed 480-px image box left a phone's plot tiny
+                # in the middle of empty space); inlined, so no server path reaches the page
+                gr.HTML(plot_html(plot_path), label="Training curves", visible=plot_path is not None,
+                        elem_id="training-plot")
 
         # preprocess=False: the raw values reach Engine.check_settings, which clamps out-of-range numbers and says
         # so (gr.Slider's own preprocess would reject an API call's top-k above 200 or max tokens above the limit)
         event = gr.on([generate.click, prompt.submit], streams.generate, inputs=[prompt, temperature, top_k, max_new],
                       outputs=[output, status, view, heatmap, routing], api_name="generate",
-                      show_progress="minimal", preprocess=False, concurrency_limit=None, trigger_mode="once")
-        generate.click(None, js=SCROLL_TO_OUTPUT)
+                      show_progress="minimal", preprocess=False, concurrency_limit=None, trigger_mode="once",
+                      js=SCROLL_TO_OUTPUT)
         stop.click(streams.request_stop, queue=False, api_visibility="private")
         clear.click(lambda: ("", "", "Ready." if engine.ok else "Generation is disabled: no model loaded.",
                              empty_view("Generate some text to see its routing."), None, None),
                     outputs=[prompt, output, status, view, heatmap, routing], cancels=[event],
                     api_visibility="private")
-        layer.change(streams.select_layer, inputs=[layer, routing], outputs=[view], api_visibility="private")
+        layer.change(streams.select_generate_layer, inputs=[layer, routing], outputs=[view], api_visibility="private")
 
         chat_event = gr.on([send.click, chat_in.submit], streams.chat,
                            inputs=[chat_in, chatbot, temperature, top_k, max_new],
@@ -846,7 +954,7 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
         chat_clear.click(lambda: ([], "", empty_view("The last reply's routing shows here."), None),
                          outputs=[chatbot, chat_status, chat_view, chat_routing], cancels=[chat_event],
                          api_visibility="private")
-        chat_layer.change(streams.select_layer, inputs=[chat_layer, chat_routing], outputs=[chat_view],
+        chat_layer.change(streams.select_chat_layer, inputs=[chat_layer, chat_routing], outputs=[chat_view],
                           api_visibility="private")
         experts_layer.change(lambda value: experts_table(report, value), inputs=[experts_layer],
                              outputs=[experts_view], api_visibility="private")
@@ -857,21 +965,37 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None) -> gr
     return demo
 
 
-def _open_image(path: str | None):
-    if path is None:
-        return None
-    try:
-        from PIL import Image
+class AnyHistory(GradioRootModel):
+    """The /chat history as sent, unchecked: normalise_history reads it and names what is wrong."""
 
-        with Image.open(path) as img:
-            return img.copy()
+    root: Any = None
+
+
+def accept_any_history(chatbot: gr.Chatbot) -> None:
+    """Gradio validates an input against its component's data model before the event's function runs, even with
+    preprocess=False: a malformed /chat history (a "wizard" role, a str content) ended in pydantic's error and a
+    server traceback. This Chatbot accepts any value as input, and normalise_history answers with a clear message;
+    its API schema (what gradio_client documents) stays the Chatbot's."""
+    chatbot.api_info()  # cached with the Chatbot's own message schema
+    chatbot.data_model = AnyHistory
+
+
+def plot_html(path: str | None) -> str:
+    """The training plot as an <img> that fills the width and keeps its aspect (a data: URI of the PNG)."""
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode()
     except OSError:
-        return None
+        return ""
+    return (f'<img src="data:image/png;base64,{data}" alt="Training curves: loss and validation loss by step" '
+            'style="width:100%;height:auto;display:block">')
 
 
 def launch(demo: gr.Blocks, **kwargs):
     """Serve the page; kwargs go to gr.Blocks.launch (tests pass server_name/server_port/prevent_thread_lock)."""
-    options = dict(theme=gr.themes.Soft(), css=CSS, show_error=True)
+    options = dict(theme=gr.themes.Soft(), css=CSS, js=TAP_JS, show_error=True)
     options.update(kwargs)
     return demo.launch(**options)
 

@@ -99,7 +99,9 @@ def tokenize_files(paths: list[str], tokenizer, keep=lambda i: True) -> np.ndarr
         raise ValueError(f"no documents in {paths}")
     pieces = []
     for start in range(0, len(docs), 256):
-        for ids in tokenizer(docs[start:start + 256], add_special_tokens=False)["input_ids"]:
+        # verbose=False: documents longer than the tokenizer's model_max_length are fine (they are packed and cut
+        # into seq_len windows), so transformers' "will result in indexing errors" warning would only mislead
+        for ids in tokenizer(docs[start:start + 256], add_special_tokens=False, verbose=False)["input_ids"]:
             pieces.append(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.uint16))
     tokens = np.concatenate(pieces)
     os.makedirs(cache_dir, exist_ok=True)
@@ -198,7 +200,7 @@ class HubBatches:
         while len(self.buffer) < need:
             doc = next(self._it)
             self.docs += 1
-            self.buffer += self.tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+            self.buffer += self.tokenizer(doc["text"], add_special_tokens=False, verbose=False)["input_ids"]
             self.buffer.append(self.tokenizer.eos_token_id)
         rows = torch.tensor(self.buffer[:need]).view(self.world, self.B, self.T + 1)[self.rank]
         self.buffer = self.buffer[need:]

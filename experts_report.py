@@ -1,7 +1,7 @@
 """What each routed expert learned: over a fixed sample text, the tokens every MoE layer's experts take most often.
 
-    python experts_report.py                          # checkpoints/final -> checkpoints/final/experts.json
-    python experts_report.py runs/x/final --top 12    # another checkpoint
+    python experts_report.py                          # the app's model: $MODEL_DIR, else checkpoints/final
+    python experts_report.py runs/x/final --top 12    # another checkpoint -> runs/x/final/experts.json
 
 Run it whenever the checkpoint's weights change: the JSON stores their SHA-256 and app.py shows a report only
 for the weights it was computed from (a stale one is named as such). The sample text is written below (a few
@@ -18,10 +18,9 @@ from collections import Counter
 import torch
 
 from model import SmolLM2DeepSeek
-from serve import weights_sha256  # the same digest app.py checks
+from serve import DEFAULT_MODEL_DIR, weights_sha256  # the same digest app.py checks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SAMPLE_NAME = "experts_report.SAMPLE: 12 short paragraphs on science, economics, history, maths and study skills"
+SAMPLE_NAME = "12 short textbook-style paragraphs on science, economics, history, maths and study skills"
 SAMPLE = [
     "Photosynthesis is the process by which green plants use light energy to make sugar from carbon dioxide and "
     "water. It takes place in the chloroplasts, where chlorophyll absorbs red and blue light. Oxygen is released "
@@ -114,12 +113,18 @@ def write_report(model_dir: str, top: int = 8, out: str | None = None) -> str:
     return out
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model_dir", nargs="?", default=os.path.join(HERE, "checkpoints", "final"))
+    parser.add_argument("model_dir", nargs="?", default=os.environ.get("MODEL_DIR") or DEFAULT_MODEL_DIR,
+                        help="the checkpoint directory (default: the one app.py serves: $MODEL_DIR, else "
+                             "checkpoints/final)")
     parser.add_argument("--top", type=int, default=8, help="tokens listed per expert (default 8)")
     parser.add_argument("--out", default=None, help="default: <model_dir>/experts.json")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     t0 = time.perf_counter()
     out = write_report(args.model_dir, args.top, args.out)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")

@@ -1,6 +1,6 @@
 """Generation for SmolLM2-DeepSeek: checked inputs, sampling, and the latent-cache decode loop (eager or compiled).
 
-    from generate import Decoder, generate
+    from generate import BatchDecoder, Decoder, generate
     for tok in generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50, return_routing=True):
         print(tok.token_id, tok.routing)           # routing: [(layer, [experts], [weights]), ...]
     decoder = Decoder(model, compile=True)         # one-token steps through torch.compile (needs a C++ compiler)
@@ -81,6 +81,28 @@ def check_sampling(max_new_tokens, temperature, top_k) -> tuple[int, float, int]
     return max_new_tokens, float(temperature), top_k
 
 
+def check_stream(cfg, prompt_ids, max_new_tokens, temperature, top_k, eos_token_id) -> tuple:
+    """One stream's checked arguments: (ids [1, T], max_new_tokens, temperature, top_k, stop ids tuple). eos_token_id
+    -1 = the config's eos, None = never stop, an int or a tuple of ids = stop at any of them."""
+    ids = check_prompt(prompt_ids, cfg.vocab_size)
+    max_new_tokens, temperature, top_k = check_sampling(max_new_tokens, temperature, top_k)
+    if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                         f"{cfg.max_position_embeddings} tokens")
+    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    stops = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in stops):
+        raise ValueError(f"eos_token_id must be None, a token id or a tuple of ids, got {eos_token_id!r}")
+    return ids, max_new_tokens, temperature, top_k, stops
+
+
+def row_routing(layers: list, row: int, first_moe: int) -> list[tuple[int, list[int], list[float]]]:
+    """The routing that produced a row's next token: the last input position of every MoE layer of one forward
+    (`layers`: its (experts [B, T, K], weights [B, T, K]) per MoE layer)."""
+    return [(first_moe + i, experts[row, -1].tolist(), weights[row, -1].tolist())
+            for i, (experts, weights) in enumerate(layers)]
+
+
 def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator=None) -> int:
     """One token id from fp32 logits [V]: greedy at temperature 0, else softmax(logits / T) over the top-k."""
     if temperature == 0:
@@ -134,13 +156,8 @@ class Decoder:
         config's eos, None = never, a tuple = any of these ids, e.g. a chat model's end of turn). Steps that capture routing run eagerly (the compiled step does not record it).
         """
         model, cfg = self.model, self.model.config
-        ids = check_prompt(prompt_ids, cfg.vocab_size)
-        max_new_tokens, temperature, top_k = check_sampling(max_new_tokens, temperature, top_k)
-        if ids.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
-                             f"{cfg.max_position_embeddings} tokens")
-        eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-        stops = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        ids, max_new_tokens, temperature, top_k, stops = check_stream(cfg, prompt_ids, max_new_tokens, temperature,
+                                                                      top_k, eos_token_id)
         was_training = model.training
         model.eval()
         device = model.lm_head.weight.device
@@ -164,16 +181,140 @@ class Decoder:
                 token = sample_token(logits, temperature, top_k, generator)
                 if token in stops:
                     return
-                routing = None
-                if return_routing:
-                    # the routing that produced this token: the last input position of every MoE layer
-                    routing = [(first_moe + i, experts[0, -1].tolist(), weights[0, -1].tolist())
-                               for i, (experts, weights) in enumerate(layers)]
-                yield GeneratedToken(token, routing)
+                yield GeneratedToken(token, row_routing(layers, 0, first_moe) if return_routing else None)
                 pos += step_ids.shape[1]
                 step_ids = torch.tensor([[token]], device=device)
         finally:
             model.train(was_training)
+
+
+class BatchStream:
+    """One stream's place in a BatchDecoder: its settings, how many tokens its cache row holds, the token it feeds
+    next, and the tokens it may still produce. `owner` is the caller's (serve.Batcher keeps its request there)."""
+
+    def __init__(self, ids, max_new_tokens, temperature, top_k, stops, return_routing, generator, owner):
+        self.prompt_len = ids.shape[1]
+        self.left, self.temperature, self.top_k, self.stops = max_new_tokens, temperature, top_k, stops
+        self.return_routing, self.generator, self.owner = return_routing, generator, owner
+        self.length = 0  # tokens written to its cache row
+        self.token = None  # the last sampled token: the input of its next step
+        self.done = max_new_tokens == 0
+
+
+class BatchDecoder:
+    """Continuous batching: many streams decoded together, one forward per step for all of them.
+
+    Each stream owns one row of a shared LatentCache, right-padded: its tokens sit at slots 0..length-1 (slot =
+    position) and the model's per-row start_pos masks the slots past each row's end. `join` prefills a new stream
+    alone, straight into its row (exactly its solo prefill), and samples its first token; `step` feeds every row's
+    last token in one forward ([B, 1] ids, per-row positions) and samples each row with its own settings and
+    generator; a stream that is done (budget, stop id) or `leave`s gives its row back: the last row moves into the
+    gap, so the batch never computes empty rows. The cache grows as streams need rows or length.
+
+        batch = BatchDecoder(model, max_batch=16)
+        stream, first = batch.join(prompt_ids, max_new_tokens=64, temperature=0.8, top_k=50, generator=g)
+        while batch.streams:
+            for stream, token in batch.step(): ...   # token None: the stream stopped at a stop id
+    """
+
+    def __init__(self, model: SmolLM2DeepSeek, max_batch: int = 16, attn_impl: str = "absorb"):
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        if model.training:
+            raise ValueError("BatchDecoder decodes a model in eval mode (call model.eval())")
+        self.model, self.max_batch, self.attn_impl = model, max_batch, attn_impl
+        self.streams: list[BatchStream] = []  # row i of the cache is streams[i]
+        self.cache: LatentCache | None = None
+        # a [d, V] copy of the lm_head for this decoder's life (see HEAD_COPY_MIN_TOKENS); a serving loop drops its
+        # decoder when no stream is left, so the copy never outlives a busy spell
+        self.head = model.lm_head.weight.detach().t().contiguous()
+        self.first_moe = model.config.first_k_dense_replace
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """A cache with at least `rows` rows of `length` slots, keeping what the current one holds."""
+        old = self.cache
+        if old is not None and old.kv.shape[1] >= rows and old.max_len >= length:
+            return
+        cfg, weight = self.model.config, self.model.lm_head.weight
+        old_rows, old_len = (old.kv.shape[1], old.max_len) if old is not None else (0, 0)
+        new_rows = min(self.max_batch, max(rows, 2 * old_rows))
+        new_len = max(length, min(cfg.max_position_embeddings, -(-max(length, old_len) // 64) * 64))
+        self.cache = LatentCache(cfg, new_rows, new_len, weight.device, weight.dtype)
+        if old is not None:
+            self.cache.kv[:, :old_rows, :old_len] = old.kv
+            self.cache.conv[:, :old_rows] = old.conv  # a hybrid's KDA states (empty for an all-MLA model)
+            self.cache.state[:, :old_rows] = old.state
+
+    def _sample(self, stream: BatchStream, logits: torch.Tensor, layers, row: int) -> GeneratedToken | None:
+        token = sample_token(logits, stream.temperature, stream.top_k, stream.generator)
+        if token in stream.stops:
+            stream.done = True
+            return None
+        stream.token, stream.left = token, stream.left - 1
+        stream.done = stream.left == 0
+        return GeneratedToken(token, row_routing(layers, row, self.first_moe) if stream.return_routing else None)
+
+    @torch.inference_mode()
+    def join(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             eos_token_id: int | tuple | None = -1, return_routing: bool = False,
+             generator: torch.Generator | None = None, owner=None) -> tuple[BatchStream, GeneratedToken | None]:
+        """Add a stream (arguments as Decoder.stream): its prompt is prefilled into a free row and its first token
+        sampled. Returns the stream and that token (None: it stopped at once). A stream that is already done (no
+        budget left, a stop id) takes no row. Bad arguments raise ValueError and change nothing."""
+        cfg = self.model.config
+        ids, max_new_tokens, temperature, top_k, stops = check_stream(cfg, prompt_ids, max_new_tokens, temperature,
+                                                                      top_k, eos_token_id)
+        stream = BatchStream(ids, max_new_tokens, temperature, top_k, stops, return_routing, generator, owner)
+        if stream.done:
+            return stream, None
+        if len(self.streams) >= self.max_batch:
+            raise RuntimeError(f"the batch is full ({self.max_batch} streams)")
+        row = len(self.streams)
+        self._reserve(row + 1, ids.shape[1] + max_new_tokens)
+        layers = [] if return_routing else None
+        ids = ids.to(self.head.device)
+        h = self.model.hidden_states(ids, self.cache.rows(row, row + 1), 0, layers, attn_impl="naive",
+                                     expert_impl="sorted")
+        stream.length = ids.shape[1]
+        first = self._sample(stream, (h[0, -1] @ self.head).float(), layers, 0)
+        if not stream.done:
+            self.streams.append(stream)
+        return stream, first
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[BatchStream, GeneratedToken | None]]:
+        """One token for every stream, in one forward. Returns (stream, its token) per stream (token None: it stopped
+        at a stop id); streams that are done leave the batch."""
+        if not self.streams:
+            return []
+        device = self.head.device
+        B = len(self.streams)
+        ids = torch.tensor([[s.token] for s in self.streams], device=device)
+        pos = torch.tensor([s.length for s in self.streams], device=device)
+        layers = [] if any(s.return_routing for s in self.streams) else None
+        h = self.model.hidden_states(ids, self.cache.rows(0, B), pos, layers, attn_impl=self.attn_impl,
+                                     expert_impl="sorted")
+        logits = (h[:, -1] @ self.head).float()  # [B, V]
+        out = []
+        for row, stream in enumerate(self.streams):
+            stream.length += 1
+            out.append((stream, self._sample(stream, logits[row], layers, row)))
+        for stream, _ in out:
+            if stream.done:
+                self.leave(stream)
+        return out
+
+    def leave(self, stream: BatchStream) -> None:
+        """Take a stream out of the batch (finished or cancelled): the last row moves into its row."""
+        if stream not in self.streams:
+            return
+        row, last = self.streams.index(stream), len(self.streams) - 1
+        if row != last:
+            moved = self.streams[last]
+            with torch.inference_mode():
+                self.cache.move_row(last, row, moved.length)
+            self.streams[row] = moved
+        self.streams.pop()
 
 
 def generate(model: SmolLM2DeepSeek, prompt_ids, max_new_tokens: int = 64, **kwargs) -> Iterator[GeneratedToken]:

@@ -97,6 +97,22 @@ class LatentCache:
         """Bytes held: the MLA latents of every position plus the KDA layers' fixed-size states."""
         return sum(t.numel() * t.element_size() for t in (self.kv, self.conv, self.state))
 
+    def rows(self, a: int, b: int) -> "LatentCache":
+        """Rows a..b-1 as a cache of their own: a view, so what a forward writes there lands in this cache (a
+        stream joining a batch is prefilled straight into its row). A hybrid's KDA states come along (batch on
+        dim 1, as the latents)."""
+        view = LatentCache.__new__(LatentCache)
+        view.kv, view.max_len = self.kv[:, a:b], self.max_len
+        view.conv, view.state = self.conv[:, a:b], self.state[:, a:b]
+        return view
+
+    def move_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy row src's first `length` positions (default: all) into row dst, and its KDA states."""
+        length = self.max_len if length is None else length
+        self.kv[:, dst, :length] = self.kv[:, src, :length]
+        self.conv[:, dst] = self.conv[:, src]
+        self.state[:, dst] = self.state[:, src]
+
 
 class MLA(nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2 §2.1): keys and values are rebuilt from a small latent per token."""
@@ -123,11 +139,16 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.dc, n * (self.dn + self.dv), bias=False)
         self.o_proj = nn.Linear(n * self.dv, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int = 0, attn_impl: str = "naive"):
+    def forward(self, x, cos, sin, cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0,
+                attn_impl: str = "naive"):
         """x [B, T, d] at positions start_pos.. -> [B, T, d]. With a cache, this call's latents are written into it
         and attention covers every cached position. attn_impl "naive": expand the latents into per-head keys and
-        values, then SDPA (training and prefill: T large); "absorb": attend over the latents directly (decoding)."""
+        values, then SDPA (training and prefill: T large); "absorb": attend over the latents directly (decoding).
+        start_pos may be a [B] tensor (batched decoding of streams of different lengths): row b's tokens sit at
+        start_pos[b].., are written to those cache slots and see only the slots before them (cos/sin [B, T, dr/2]).
+        A row's slots past its own length may hold anything: they are masked."""
         B, T, _ = x.shape
+        rows = torch.is_tensor(start_pos)
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
@@ -137,9 +158,21 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.dc, self.dr], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, dc]
         if self.rope:
-            q_rope = apply_rope(q_rope, cos, sin, self.interleave)
+            q_rope = apply_rope(q_rope, cos.unsqueeze(1) if rows else cos, sin.unsqueeze(1) if rows else sin,
+                                self.interleave)
             k_rope = apply_rope(k_rope, cos, sin, self.interleave)  # [B, T, dr]
-        if cache is not None:
+        future = None
+        if rows:
+            if cache is None:
+                raise ValueError("per-row positions (a start_pos tensor) need a cache")
+            positions = start_pos[:, None] + torch.arange(T, device=x.device)  # [B, T]: each row's own slots
+            layer = cache.kv[self.cache_idx]
+            new_kv = torch.cat([latent, k_rope], dim=-1).to(layer.dtype)
+            layer[torch.arange(B, device=x.device)[:, None], positions] = new_kv
+            S = int(positions.max()) + 1  # the longest row; a shorter row masks the slots past its own end
+            kv = layer[:B, :S]
+            future, start_pos = self._future(positions, S), 0  # [B, T, S]
+        elif cache is not None:
             cache.kv[self.cache_idx, :B, start_pos:start_pos + T] = torch.cat([latent, k_rope], dim=-1)
             kv = cache.kv[self.cache_idx, :B, :start_pos + T]  # [B, S, dc + dr]: every position so far
         else:
@@ -147,14 +180,20 @@ class MLA(nn.Module):
         if attn_impl == "naive":
             if kv is not None:  # re-expand every cached position (what transformers does each decoding step)
                 latent, k_rope = kv.split([self.dc, self.dr], dim=-1)
-            out = self._expanded(q_nope, q_rope, latent, k_rope, start_pos)
+            out = self._expanded(q_nope, q_rope, latent, k_rope, start_pos, future)
         elif attn_impl == "absorb":
-            out = self._absorbed(q_nope, q_rope, kv, start_pos)
+            out = self._absorbed(q_nope, q_rope, kv, start_pos, future)
         else:
             raise ValueError(f"attn_impl must be 'naive' or 'absorb', got {attn_impl!r}")
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.dv))
 
-    def _expanded(self, q_nope, q_rope, latent, k_rope, start_pos: int):
+    @staticmethod
+    def _future(positions: torch.Tensor, S: int) -> torch.Tensor:
+        """True where key slot s lies after query position positions[..., t]: [T, S] for positions [T], [B, T, S]
+        for per-row positions [B, T]."""
+        return torch.arange(S, device=positions.device) > positions.unsqueeze(-1)
+
+    def _expanded(self, q_nope, q_rope, latent, k_rope, start_pos: int, future: torch.Tensor | None = None):
         """Expand the latents [B, S, dc] of all S visible positions into per-head keys/values, then SDPA. The T
         queries sit at positions start_pos..start_pos+T-1 = the last T of the S keys."""
         B, S, _ = latent.shape
@@ -163,14 +202,16 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # [B, n, S, dn], [B, n, S, dv]
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, self.n_heads, S, self.dr)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        if future is not None:  # per-row positions: [B, T, S], the same mask for every head
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~future.unsqueeze(1), scale=self.scale)
         if T == S:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, n, T, dv]
         mask = None  # one new token sees every cached position
         if T > 1:  # several new tokens: token t may see positions <= start_pos + t
-            mask = torch.arange(S, device=q.device) <= (start_pos + torch.arange(T, device=q.device))[:, None]
+            mask = ~self._future(start_pos + torch.arange(T, device=q.device), S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
-    def _absorbed(self, q_nope, q_rope, kv, start_pos: int):
+    def _absorbed(self, q_nope, q_rope, kv, start_pos: int, future: torch.Tensor | None = None):
         """Fold W_UK into the query and W_UV into the output, so attention runs over the latents directly
         (q_nope . W_UK c = (W_UK^T q_nope) . c) and a cache is never re-expanded per step.
 
@@ -182,8 +223,10 @@ class MLA(nn.Module):
         w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [n, dn, dc], [n, dv, dc]
         q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1).view(B, n * T, self.dc + self.dr)
         scores = torch.matmul(q, kv.transpose(1, 2)).mul_(self.scale)  # [B, n*T, S]
-        if T > 1:  # several new tokens at once: token t may see cache positions <= start_pos + t
-            future = torch.arange(S, device=q.device) > (start_pos + torch.arange(T, device=q.device))[:, None]
+        if future is not None:  # per-row positions: [B, T, S] -> the rows of every head [B, n*T, S]
+            scores.masked_fill_(future.repeat(1, n, 1), float("-inf"))
+        elif T > 1:  # several new tokens at once: token t may see cache positions <= start_pos + t
+            future = self._future(start_pos + torch.arange(T, device=q.device), S)
             scores.masked_fill_(future.repeat(n, 1), float("-inf"))
         o_latent = torch.matmul(scores.softmax(-1), kv[..., :self.dc])  # [B, n*T, dc]
         return torch.matmul(o_latent.view(B, n, T, self.dc), w_uv.transpose(1, 2))  # [B, n, T, dv]
@@ -673,17 +716,27 @@ class SmolLM2DeepSeek(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.model.layers if isinstance(block.mlp, MoE)]
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, start_pos: int = 0,
-                      routing: list | None = None, aux_losses: list | None = None, attn_impl: str = "naive",
-                      expert_impl: str = "sorted"):
+    def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None,
+                      start_pos: int | torch.Tensor = 0, routing: list | None = None, aux_losses: list | None = None,
+                      attn_impl: str = "naive", expert_impl: str = "sorted"):
         """input_ids [B, T] -> final-normed hidden states [B, T, d]. `routing` collects each MoE layer's
         (experts, weights), `aux_losses` the enabled router losses; attn_impl / expert_impl choose the paths
-        (see MLA.forward and Experts.forward)."""
+        (see MLA.forward and Experts.forward). start_pos: an int, or a [B] tensor with a cache (each row at its own
+        position: batched decoding of streams of different lengths)."""
         T = input_ids.shape[1]
-        if start_pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_position_embeddings "
+        end = int(start_pos.max()) + T if torch.is_tensor(start_pos) else start_pos + T
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {end} tokens exceeds max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        if torch.is_tensor(start_pos):
+            start_pos = start_pos.to(self.rope_cos.device)
+            positions = start_pos[:, None] + torch.arange(T, device=start_pos.device)
+            if self.config.is_hybrid:  # NoPE: no tables to index (the MLA layers ignore cos and sin)
+                cos, sin = self.rope_cos, self.rope_sin
+            else:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, dr/2]
+        else:
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.model.embed_tokens(input_ids)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.layers:

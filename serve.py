@@ -9,6 +9,9 @@
 visitors' input (`prepare`, `check_settings`, `chat_prompt`), admits at most N streams at once (`Admission`) and
 streams tokens with their routing and the text so far (`Engine.tokens`, `TextAssembler`). Any load failure becomes
 `Engine.error`, a message for the page, never a traceback.
+
+Running streams are decoded together (`Batcher`: continuous batching, one decode-loop thread stepping every stream
+in one forward, generate.BatchDecoder); `Engine(batching=False)` gives each stream its own decode loop instead.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import queue
 import statistics
 import threading
 import time
@@ -23,7 +27,7 @@ from collections import deque
 
 import torch
 
-from generate import generate
+from generate import BatchDecoder, generate
 from model import SmolLM2DeepSeek
 
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -35,6 +39,9 @@ MAX_PROMPT_CHARS = 50_000  # longer prompts keep their end before tokenizing (th
 MAX_TEMPERATURE = 2.0
 # bf16 must beat fp32 by this factor in the start-up probe to be chosen (bf16 also costs some accuracy)
 BF16_MIN_SPEEDUP = 1.2
+# Streams decoded together in one batch (Batcher), also the streams admitted at once. Not yet chosen by measurement
+# on this project's machines (bench/bench_app_load.py --batch 8 16 compares bounds): 16 until it is.
+MAX_BATCH = 16
 
 
 def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
@@ -174,64 +181,225 @@ class TextAssembler:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+class Ticket:
+    """One visitor's stream through Admission: its token budget (max new tokens), and once admitted when it started
+    and how many tokens it has made (what the wait estimates are measured from)."""
+
+    __slots__ = ("budget", "started", "tokens")
+
+    def __init__(self, budget: int):
+        self.budget, self.started, self.tokens = max(1, int(budget)), None, 0
+
+
 class Admission:
     """At most `workers` streams run at once; up to `max_waiting` more wait in line (first come, first served), each
-    told its place and an estimate; beyond that a request is turned away at once with a 'busy' message."""
+    told its place and an estimate; beyond that a request is turned away at once with a 'busy' message.
 
-    ADMITTED = "admitted"
+    Estimates come from the measured time per token of the streams running now (the last finished streams' when none
+    has made a token yet): each running stream frees its slot after its remaining budget, then each ticket ahead in
+    line takes the first free slot for its own budget. A stream that ends early (end of text, Stop) only makes the
+    wait shorter, and a ticket's estimate falls as the streams ahead of it make tokens at a steady rate."""
 
-    def __init__(self, workers: int, max_waiting: int):
+    def __init__(self, workers: int, max_waiting: int, clock=time.monotonic):
         self.workers, self.max_waiting = workers, max_waiting
-        self.active = 0
+        self.clock = clock
         self.turned_away = 0
-        self._line: list[object] = []
+        self._running: list[Ticket] = []
+        self._line: list[Ticket] = []
         self._lock = threading.Lock()
-        self._durations: deque[float] = deque(maxlen=16)
+        self._per_token: deque[float] = deque(maxlen=16)  # seconds per token of recently finished streams
 
-    def join(self):
-        """ADMITTED (run now), a ticket to poll (wait), or None (line full: busy)."""
+    def join(self, budget: int = 64) -> Ticket | None:
+        """A ticket for a stream of up to `budget` tokens, already admitted when a slot is free (poll gives 0), or
+        waiting in line; None when the line is full (busy)."""
         with self._lock:
-            if self.active < self.workers and not self._line:
-                self.active += 1
-                return self.ADMITTED
+            ticket = Ticket(budget)
+            if len(self._running) < self.workers and not self._line:
+                self._start(ticket)
+                return ticket
             if len(self._line) >= self.max_waiting:
                 self.turned_away += 1
                 return None
-            ticket = object()
             self._line.append(ticket)
             return ticket
 
-    def poll(self, ticket) -> int:
+    def _start(self, ticket: Ticket) -> None:
+        ticket.started = self.clock()
+        self._running.append(ticket)
+
+    def poll(self, ticket: Ticket) -> int:
         """0 once admitted (a running slot is then held), else the ticket's 1-based place in line."""
         with self._lock:
-            if ticket is self.ADMITTED:
+            if ticket.started is not None:
                 return 0
-            if self._line and self._line[0] is ticket and self.active < self.workers:
+            if self._line and self._line[0] is ticket and len(self._running) < self.workers:
                 self._line.pop(0)
-                self.active += 1
+                self._start(ticket)
                 return 0
             return self._line.index(ticket) + 1
 
-    def cancel(self, ticket) -> None:
+    def progress(self, ticket: Ticket, tokens: int) -> None:
+        """A running stream has made `tokens` tokens so far."""
+        ticket.tokens = tokens
+
+    def cancel(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket in self._line:
                 self._line.remove(ticket)
 
-    def leave(self, seconds: float) -> None:
+    def leave(self, ticket: Ticket) -> None:
+        """A running stream ended: its slot is free, and its time per token is remembered."""
         with self._lock:
-            self.active -= 1
-            self._durations.append(seconds)
+            if ticket in self._running:
+                self._running.remove(ticket)
+                if ticket.tokens > 0:
+                    self._per_token.append((self.clock() - ticket.started) / ticket.tokens)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
 
     @property
     def waiting(self) -> int:
         return len(self._line)
 
-    def estimate(self, place: int) -> float | None:
-        """Seconds until `place` in line starts: recent streams' median duration x the rounds ahead of it."""
-        if not self._durations:
-            return None
-        typical = statistics.median(self._durations)
-        return typical * math.ceil(place / self.workers)
+    def seconds_per_token(self) -> float | None:
+        """The measured time per token: of the running streams that have made tokens, else of the last finished."""
+        now = self.clock()
+        rates = [(now - t.started) / t.tokens for t in self._running if t.tokens > 0]
+        if rates:
+            return statistics.median(rates)
+        return statistics.median(self._per_token) if self._per_token else None
+
+    def estimate(self, ticket_or_place) -> float | None:
+        """Seconds until a waiting ticket (or the ticket at a 1-based place in line) starts; None before any token
+        has been measured."""
+        with self._lock:
+            per_token = self.seconds_per_token()
+            if per_token is None:
+                return None
+            if isinstance(ticket_or_place, Ticket):
+                if ticket_or_place not in self._line:
+                    return 0.0
+                place = self._line.index(ticket_or_place) + 1
+            else:
+                place = int(ticket_or_place)
+            free = [max(0, t.budget - t.tokens) * per_token for t in self._running]
+            free += [0.0] * (self.workers - len(free))  # idle slots
+            free.sort()
+            for ahead in self._line[: place - 1]:
+                start = free.pop(0)
+                free.append(start + ahead.budget * per_token)
+                free.sort()
+            return free[0]
+
+
+class _Request:
+    """One stream in the Batcher: its prompt and settings, where its tokens go (a queue the visitor's thread reads:
+    GeneratedToken, an exception, or _END) and whether its reader has gone (cancelled)."""
+
+    def __init__(self, ids, settings: dict):
+        self.ids, self.settings = ids, settings
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.cancelled = False
+
+
+_END = object()
+
+
+class Batcher:
+    """Continuous batching: one decode-loop thread steps every running stream in one forward (a step costs about
+    what one stream's does on a memory-bound CPU). A new stream is prefilled alone into a free row and joins at the
+    next step; a finished or cancelled one leaves without stalling the others; beyond max_batch streams a new one
+    waits for a free row (first come, first served). Each stream keeps its own temperature, top-k, budget, stop ids
+    and generator (settings["seed"]). A failing prefill ends only its stream, a failing step only the streams in it.
+    The thread and its BatchDecoder (and cache) exist only while there are streams."""
+
+    def __init__(self, model, max_batch: int = MAX_BATCH):
+        self.model, self.max_batch = model, max_batch
+        self._lock = threading.Lock()
+        self._joining: deque[_Request] = deque()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # batched forwards so far (tests, the bench)
+        self.running = 0  # streams in the batch after the last step
+
+    def stream(self, ids, settings: dict):
+        """The stream's GeneratedTokens (with routing) as they come; closing the iterator cancels the stream."""
+        request = _Request(ids, settings)
+        with self._lock:
+            self._joining.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self._thread.start()
+        try:
+            while (item := request.out.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            request.cancelled = True  # the loop gives its row back before its next step
+
+    def _loop(self):
+        decoder = None
+        try:
+            decoder = BatchDecoder(self.model, self.max_batch)
+            while True:
+                for stream in [s for s in decoder.streams if s.owner.cancelled]:
+                    decoder.leave(stream)
+                with self._lock:
+                    joins = []
+                    while self._joining and len(decoder.streams) + len(joins) < self.max_batch:
+                        joins.append(self._joining.popleft())
+                    if not joins and not decoder.streams:
+                        self._thread = None  # idle: the next stream starts a fresh loop
+                        return
+                for request in joins:
+                    self._join(decoder, request)
+                if decoder.streams:
+                    self._step(decoder)
+        except BaseException as err:  # never leave a reader waiting on a dead loop
+            with self._lock:
+                self._thread = None
+                pending = list(self._joining)
+                self._joining.clear()
+            for request in pending + [s.owner for s in (decoder.streams if decoder else [])]:
+                request.out.put(err)
+            raise
+
+    def _join(self, decoder: BatchDecoder, request: _Request) -> None:
+        if request.cancelled:
+            return
+        s = request.settings
+        try:
+            seed = s.get("seed")
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            stream, first = decoder.join(request.ids, s["max_new"], s["temperature"], s["top_k"],
+                                         eos_token_id=s.get("stop", -1), return_routing=True, generator=generator,
+                                         owner=request)
+        except Exception as err:  # bad input or a failed prefill: this stream ends, the batch goes on
+            request.out.put(err)
+            return
+        if first is not None:
+            request.out.put(first)
+        if stream.done:
+            request.out.put(_END)
+
+    def _step(self, decoder: BatchDecoder) -> None:
+        try:
+            results = decoder.step()
+        except Exception as err:  # the streams of this step end with the error; waiting ones start a new batch
+            for stream in list(decoder.streams):
+                decoder.leave(stream)
+                stream.owner.out.put(err)
+            self.running = 0
+            return
+        self.steps += 1
+        self.running = len(decoder.streams)
+        for stream, token in results:
+            if token is not None:
+                stream.owner.out.put(token)
+            if stream.done:
+                stream.owner.out.put(_END)
 
 
 def number_arg(value, default, name, notes) -> float:
@@ -249,11 +417,18 @@ def number_arg(value, default, name, notes) -> float:
     return number
 
 
+def whole(x: float) -> int:
+    """Round half up (2.5 -> 3), as a visitor reads a number; Python's round() would give 2."""
+    return int(math.floor(x + 0.5))
+
+
 class Engine:
     """The loaded model and tokenizer (or why they could not be loaded), input checks and the streaming
     generation with routing capture. Per-session state (Stop presses, running streams) is keyed by session id."""
 
-    def __init__(self, model_dir: str, note: str | None = None, workers: int = 2, max_waiting: int = 16):
+    def __init__(self, model_dir: str, note: str | None = None, workers: int | None = None, max_waiting: int = 16,
+                 batching: bool = True, max_batch: int = MAX_BATCH):
+        """workers: streams admitted at once (default: max_batch when batching, else 2 per-stream decode loops)."""
         self.model_dir = model_dir
         self.note = note
         self.model = None
@@ -261,7 +436,10 @@ class Engine:
         self.error = None
         self.dtype_probe = None
         self.weights_hash = None
+        if workers is None:
+            workers = max_batch if batching else 2
         self.admission = Admission(workers, max_waiting)
+        self.batcher = None  # set once the model is loaded (batching=True)
         self.streams_started = 0  # counted for tests and the bench
         self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
         self.running: dict[str, str] = {}  # session -> the kind of its stream ("generate" / "chat")
@@ -293,6 +471,7 @@ class Engine:
             # end-of-turn token; a base model continues the plain transcript
             end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if self.tokenizer.chat_template else None
             self.end_of_turn = end if isinstance(end, int) and end != self.tokenizer.unk_token_id else None
+            self.batcher = Batcher(self.model, max_batch) if batching else None
         else:
             self.moe_layers, self.max_new_limit = [], SERVE_MAX_NEW_TOKENS
         if self.dtype_probe:
@@ -325,11 +504,14 @@ class Engine:
         if k < 0:
             notes.append(f"⚠️ Top-k {k:g} is negative: treated as no top-k filter.")
             k = 0
-        elif round(k) == 0:
-            notes.append("ℹ️ Top-k 0: no top-k filter (sampling from the whole vocabulary).")
         elif k >= vocab:
             notes.append(f"⚠️ Top-k {k:g} is not below the vocabulary size ({vocab}): treated as no top-k filter.")
             k = 0
+        else:
+            if k != int(k):
+                notes.append(f"⚠️ Top-k {k:g} is not a whole number: rounded to {whole(k)}.")
+            if whole(k) == 0:
+                notes.append("ℹ️ Top-k 0: no top-k filter (sampling from the whole vocabulary).")
         if temperature == 0:
             notes.append("ℹ️ Temperature 0: greedy decoding (always the most likely token; top-k has no effect).")
         n = number_arg(max_new_tokens, 64, "max new tokens", notes)
@@ -340,7 +522,9 @@ class Engine:
             notes.append(f"⚠️ Max new tokens {n:g} is above this app's limit of {self.max_new_limit}: "
                          f"clamped to {self.max_new_limit}.")
             n = self.max_new_limit
-        return dict(temperature=temperature, top_k=int(round(k)), max_new=max(1, int(round(n)))), notes
+        elif n != int(n):
+            notes.append(f"⚠️ Max new tokens {n:g} is not a whole number: rounded to {whole(n)}.")
+        return dict(temperature=temperature, top_k=whole(k), max_new=max(1, whole(n))), notes
 
     def encode(self, text: str, notes: list[str]) -> list[int] | None:
         """Token ids of a visitor's text (None when it cannot be tokenized; the reason goes to notes)."""
@@ -349,7 +533,9 @@ class Engine:
             notes.append(f"⚠️ The text had {replaced} invalid character{'s' if replaced > 1 else ''} (a lone UTF-16 "
                          "surrogate, which is not text): replaced with �.")
         try:
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            # verbose=False: a prompt longer than the tokenizer's model_max_length is fine here (it is cut to the
+            # context below), so transformers' "will result in indexing errors" warning would only mislead
+            return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         except Exception as err:  # never show the tokenizer's internals
             notes.append(f"⚠️ **The text could not be tokenized** ({type(err).__name__}); try plain text.")
             return None
@@ -430,9 +616,16 @@ class Engine:
     # -- streaming -----------------------------------------------------------------------------------------------
     def tokens(self, ids: list[int], settings: dict):
         """Stream (token id, text piece, routing, assembler) per new token; routing has one dict per MoE layer {"layer",
-        "experts", "weights"}, highest weight first; the assembler holds the text so far (its .text, .final())."""
-        gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
-                       top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1))
+        "experts", "weights"}, highest weight first; the assembler holds the text so far (its .text, .final()).
+        settings: max_new, temperature, top_k, optional stop (ids) and seed (this stream's own random generator).
+        With batching the stream runs in the Batcher's shared decode loop; closing this iterator cancels it."""
+        if self.batcher is not None:
+            gen = self.batcher.stream(ids, settings)
+        else:
+            seed = settings.get("seed")
+            gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
+                           top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1),
+                           generator=None if seed is None else torch.Generator().manual_seed(seed))
         text = TextAssembler(self.tokenizer)
         try:
             for step in gen:

@@ -1,4 +1,4 @@
-"""Train SmolLM2-DeepSeek: 5000 steps, then 50 more from the step-5000 checkpoint (the design card's two phases).
+r"""Train SmolLM2-DeepSeek: 5000 steps, then 50 more from the step-5000 checkpoint (the design card's two phases).
 
     python train.py                                         # full model, cosmopedia-v2 streamed from the hub
     python train.py --config config_cpu.yaml --data ../shared/corpus/train.jsonl \

@@ -168,3 +168,25 @@ def train_cmd(data, out, *extra) -> list[str]:
 def train_env(data) -> dict:
     return {**os.environ, "XDG_CACHE_HOME": str(data / "cache"), "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+# -- a run that skipped the browser tests says so loudly (a quiet "2 skipped" let a new user believe the page had
+# been tested in a browser)
+BROWSER_TESTS = "test_browser.py"
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if BROWSER_TESTS in str(getattr(r, "nodeid", ""))]
+    if not skipped:
+        return
+    reasons = []
+    for r in skipped:
+        reason = r.longrepr[2] if isinstance(r.longrepr, tuple) and len(r.longrepr) == 3 else str(r.longrepr)
+        reasons.append(f"{r.nodeid}: {reason.removeprefix('Skipped: ')}")
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("=", "BROWSER TESTS DID NOT RUN", red=True, bold=True)
+    for line in dict.fromkeys(reasons):
+        write(f"  {line}", red=True)
+    write("  The page was NOT tested in a browser. Install Debian's chromium (`sudo apt-get install chromium`), or "
+          "point CHROMIUM at a Chromium binary (e.g. after `python3 -m playwright install chromium`), and rerun.",
+          red=True, bold=True)

@@ -266,12 +266,42 @@ def test_layer_selection_recolours(server):
     streams = server[0].streams
     data = call(gradio_client.Client(server[1], verbose=False), "Energy is", 0, 0, 5)[-1][4]
     for layer in MOE_LAYERS:
-        view = streams.select_layer(layer, data)
+        view = streams.select_layer("generate", layer, data)
         assert f'data-layer="{layer}"' in view
         pos = MOE_LAYERS.index(layer)
         tops = [t["routing"][pos]["experts"][0] for t in data["tokens"]]
         assert [int(x) for x in re.findall(r'data-expert="(\d+)"', view)] == tops
-    assert "Generate some text" in streams.select_layer(MOE_LAYERS[0], None)
+    assert "Generate some text" in streams.select_layer("generate", MOE_LAYERS[0], None)
+
+
+def test_each_tab_keeps_its_own_routing_layer(server):
+    """Issue 23: layer 3 picked in Complete made the next Chat reply's view show layer 3 while Chat's dropdown said
+    layer 1 (one choice per session shared by both tabs). Each tab now keeps its own."""
+    streams = server[0].streams
+    me, first, last = Request("two-tabs"), MOE_LAYERS[0], MOE_LAYERS[-1]
+    streams.select_layer("generate", last, None, me)  # Complete's dropdown -> the last layer
+    chat = collect(streams.chat("Hello", [], 0, 0, 3, me))[-1]
+    assert f'data-layer="{first}"' in chat[2], "Chat's view followed Complete's dropdown"
+    done = collect(streams.generate("Energy is", 0, 0, 3, me))[-1]
+    assert f'data-layer="{last}"' in done[2]
+    streams.select_layer("chat", last, None, me)
+    streams.select_layer("generate", first, None, me)
+    assert f'data-layer="{last}"' in collect(streams.chat("Hello", [], 0, 0, 3, me))[-1][2]
+    assert f'data-layer="{first}"' in collect(streams.generate("Energy is", 0, 0, 3, me))[-1][2]
+    streams.forget_session(me)
+    assert not [key for key in streams.layer_choice if key[0] == "two-tabs"]
+
+
+def test_token_views_say_tap_and_mark_a_token_with_no_text_of_its_own():
+    """A phone cannot hover: the legend says tap (the page's TAP_JS shows a tapped token's routing). A token that
+    only carries one byte of a character has no text of its own: it gets a visible, tappable mark."""
+    data = {"prompt": "", "expert_load": [[0] * 8], "tokens": [
+        {"index": 0, "id": 5, "text": "", "routing": [{"layer": 1, "experts": [3, 1], "weights": [0.7, 0.3]}]}]}
+    view = app.TokenView([1]).render(data, 1)
+    assert "tap (or hover) a token" in view and "hover a token for" not in view
+    span = re.search(r'<span class="tok".*?</span></span>', view, re.S).group(0)
+    assert "◌" in span and "&#8203;" not in span
+    assert "span.tok" in app.TAP_JS and "token-info" in app.TAP_JS and "title" in app.TAP_JS
 
 
 @pytest.mark.parametrize("breakage,message", [
@@ -488,6 +518,36 @@ def test_chat_endpoint_streams_a_reply_with_routing(client, tokenizer):
     assert data2["prompt_tokens"] > data["prompt_tokens"]
 
 
+def test_malformed_chat_history_gets_a_clear_answer(server):
+    """Issue 23: `/chat` with [{"role": "wizard", ...}] left a traceback in the server log and the client got
+    nothing: it is answered with what is wrong."""
+    url = server[1]
+    history, status, _, _ = raw_call(url, "chat", ["hi", [{"role": "wizard", "content": "abracadabra"}], 0, 0, 4])[-1]
+    assert "chat history was not understood" in status and "'wizard'" in status and history == [], status
+    for bad, said in [("not a list", "expected a list of messages, got str"), ([42], "message 1 is a int")]:
+        status = raw_call(url, "chat", ["hi", bad, 0, 0, 4])[-1][1]
+        assert said in status, status
+    assert app.normalise_history([["hi", "hello"], {"role": "user", "content": "x"}]) == (
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+         {"role": "user", "content": "x"}], None)
+
+
+def test_chat_shows_replies_as_plain_text_like_the_routing_view(server):
+    """Issue 23: Chat rendered Markdown ("- " and "1." became lists) while the routing view showed the raw text."""
+    props = component(server[0], "chatbot")
+    assert props["render_markdown"] is False
+    assert props["show_label"] is False  # its label floated over the messages on a phone
+
+
+def test_fractional_settings_are_rounded_with_a_note(client):
+    """Issue 23: top_k 2.5 and max_new_tokens 3.7 were rounded silently."""
+    updates = call(client, "Cells divide", 0.8, 2.5, 3.7)
+    status, data = updates[-1][1], updates[-1][4]
+    assert "Top-k 2.5 is not a whole number: rounded to 3" in status, status
+    assert "Max new tokens 3.7 is not a whole number: rounded to 4" in status and "max 4 new tokens" in status
+    assert len(data["tokens"]) <= 4
+
+
 def test_chat_reply_stops_at_the_next_user_turn(server, monkeypatch):
     """The reply ends where the model starts the visitor's next turn; its routing keeps only the reply's tokens."""
     streams = server[0].streams
@@ -559,7 +619,8 @@ def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
         assert view.count('class="expert-card"') == TINY["n_routed_experts"]
         assert f'data-layer="{MOE_LAYERS[0]}"' in view
         assert f'data-layer="{MOE_LAYERS[-1]}"' in app.experts_table(demo.experts_report, MOE_LAYERS[-1])
-        assert "fixed sample" in component(demo, "experts-note")["value"]
+        note = component(demo, "experts-note")["value"]
+        assert "fixed sample" in note and "experts_report.SAMPLE" not in note and "12 short paragraphs" in note
     finally:
         demo.close()
     report["weights_sha256"] = "0" * 64  # as if the checkpoint had been replaced since
@@ -572,10 +633,55 @@ def test_experts_report_shown_only_for_its_weights(checkpoint, tmp_path):
         demo.close()
 
 
+def test_experts_cards_draw_whitespace_tokens_and_fit_a_grid():
+    """Issue 23: whitespace tokens showed as blank cells, and tables were wider than their cards."""
+    assert [app.shown_token(t) for t in [" ", " the", "\n\n", "\t", "", "a\x00"]] == [
+        "␣", "␣the", "↵↵", "⇥", "◌", "a\\x00"]
+    top = [{"token": t, "share": 0.1, "of_token": 0.5, "count": 1} for t in [" ", "\n", " of"]]
+    report = {"layers": [{"layer": 1, "experts": [{"expert": e, "load": 10, "top": top} for e in range(8)]}]}
+    view = app.experts_table(report, 1)
+    cells = re.findall(r'<td class="tokcell"[^>]*><code>(.*?)</code>', view)
+    assert cells[:3] == ["␣", "↵", "␣of"] and all(cells)
+    assert "<colgroup>" in view and "table-layout: fixed" in app.CSS and "display: grid" in app.CSS
+
+
+def test_missing_experts_report_names_the_command_for_the_served_directory(checkpoint, tmp_path, monkeypatch):
+    """Issue 23: "no experts.json" said to run `experts_report.py` without naming the served model's directory, and
+    run as written it wrote into checkpoints/final instead."""
+    import experts_report
+
+    inside = os.path.join(app.APP_DIR, "runs", "x", "final")
+    assert "`python experts_report.py runs/x/final`" in app.report_command(inside)
+    assert "MODEL_DIR" in app.report_command(str(tmp_path / "elsewhere" / "final"))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "served"))
+    assert experts_report.parse_args([]).model_dir == str(tmp_path / "served")  # the app's MODEL_DIR
+    monkeypatch.delenv("MODEL_DIR")
+    assert experts_report.parse_args([]).model_dir == serving.DEFAULT_MODEL_DIR
+    engine = serving.Engine(checkpoint)  # no experts.json beside it
+    report, note = app.load_experts_report(engine)
+    assert report is None and "MODEL_DIR" in note and "python experts_report.py" in note
+
+
 def test_shipped_experts_report_matches_the_shipped_weights():
     """checkpoints/final/experts.json must be regenerated (python experts_report.py) whenever the weights change."""
     final = os.path.join(app.APP_DIR, "checkpoints", "final")
-    if not os.path.isfile(os.path.join(final, "model.safetensors")):
-        pytest.skip("no shipped checkpoint")
+    if not any(name.endswith(".safetensors") for name in os.listdir(final)):
+        pytest.fail("checkpoints/final holds no weights")
     report = json.load(open(os.path.join(final, app.EXPERTS_JSON)))
     assert report["weights_sha256"] == serving.weights_sha256(final), "stale: run python experts_report.py"
+
+
+def test_without_chromium_every_browser_test_is_skipped_loudly(tmp_path):
+    """Issue 23: the README's test command printed "146 passed, 2 skipped" without chromium: a new user believed the
+    page had been tested in a browser. Now the run ends with a banner naming the reason and what to install."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CHROMIUM": str(tmp_path / "no-chromium-here"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join("tests", "test_browser.py")], cwd=app.APP_DIR, env=env,
+                         capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode in (0, 5), out[-2000:]  # 5: pytest's "no tests ran" (a module skipped as a whole)
+    assert "BROWSER TESTS DID NOT RUN" in out and f"no chromium at {tmp_path / 'no-chromium-here'}" in out, out[-2000:]
+    assert "apt-get install chromium" in out

@@ -24,13 +24,55 @@ def test_gpu_training_benchmark_smoke_run_on_cpu(tmp_path):
     assert abs(models["ours eager"]["first_loss"] - models["transformers deepseek_v3"]["first_loss"]) < 1e-4
 
 
+def run_bench(script, *args, timeout=1200):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_decode_benchmark_interleaves_the_sides_and_records_load(tmp_path):
+    """A smoke run on a tiny config (no timing is judged: a loaded machine may even give no rate for a round)."""
+    out = tmp_path / "decode.json"
+    run_bench("bench_decode.py", "--tiny", "--no-compile", "--rounds", "2", "--new", "3", "--prompts", "8", "12",
+              "--out", str(out))
+    data = json.loads(out.read_text())
+    assert len(data["per_round"]) == 2 and data["per_round"][0]["order"] != data["per_round"][1]["order"]
+    for r in data["per_round"]:
+        assert len(r["loadavg_before"]) == 3 and set(r["tok_s"]["8"]) == {"transformers", "ours eager"}
+    for n in ("8", "12"):
+        row = data["summary"][n]
+        assert set(row) == {"transformers", "ours eager"}
+        assert row["ours eager"]["same_greedy_tokens_every_round"] is True
+        assert {"fastest_tok_s", "median_tok_s", "ratio_fastest", "ratio_median"} <= set(row["ours eager"])
+
+
+def test_app_load_benchmark_compares_per_stream_and_batched_serving(tmp_path):
+    """A smoke run through the served page with a tiny checkpoint: every mode at every number of users, all served."""
+    from conftest import HAVE_TOKENIZER, make_tiny_checkpoint
+
+    if not HAVE_TOKENIZER:
+        import pytest
+        pytest.skip("needs the SmolLM2 tokenizer")
+    out = tmp_path / "app_load.json"
+    run_bench("bench_app_load.py", "--model-dir", make_tiny_checkpoint(tmp_path), "--users", "1", "3", "--batch", "2",
+              "--tokens", "3", "--rounds", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["modes"] == ["per-stream", "batched <= 2"]
+    assert sorted((r["mode"], r["users"]) for r in data["rows"]) == [
+        ("batched <= 2", 1), ("batched <= 2", 3), ("per-stream", 1), ("per-stream", 3)]
+    for r in data["rows"]:
+        assert r["served"] == r["users"] and r["busy"] == 0 and r["tokens"] >= r["users"], r
+        assert len(r["loadavg_before"]) == 3
+    assert set(data["median_over_rounds"]) == {"per-stream", "batched <= 2"}
+    assert "tok_s_4_users_over_1" not in data["goals"]["batched <= 2"]  # 4 users were not run
+    assert data["start"]["busiest"] and data["end"]["loadavg"]
+
+
 def test_long_decode_benchmark_smoke_run(tmp_path):
     out = tmp_path / "long_decode.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_long_decode.py"), "--tiny",
-                             "--no-transformers", "--contexts", "8", "40", "--steps", "2", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_bench("bench_long_decode.py", "--tiny", "--no-transformers", "--contexts", "8", "40", "--steps", "2",
+              "--out", str(out))
     data = json.loads(out.read_text())
     rows = data["models"]
     assert set(rows) == {"ours all-MLA", "ours hybrid"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, spread_model, tiny_config
-from generate import Decoder, generate
+from generate import BatchDecoder, Decoder, generate
 from model import LatentCache, SmolLM2DeepSeek
 from config import TrainConfig
 from train import build_optimizer
@@ -136,3 +136,92 @@ def test_compiled_decoding_matches_eager_decoding():
         step_eager = model.hidden_states(ids[:, 11:], caches[0], 11, attn_impl="absorb", expert_impl="direct")
         step_compiled = decoder.compiled_step(ids[:, 11:], caches[1], 11)
     assert (step_compiled - step_eager).abs().max().item() <= 1e-5
+
+
+def solo_run(model, prompt, n, temperature=0.0, top_k=0, seed=None, eos=None):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return [(t.token_id, t.routing) for t in generate(model, prompt, n, temperature=temperature, top_k=top_k,
+                                                      eos_token_id=eos, return_routing=True, generator=g)]
+
+
+def assert_same_run(got, want, name):
+    assert [t for t, _ in got] == [t for t, _ in want], name
+    for (_, r1), (_, r2) in zip(got, want):  # the routing that produced each token: same experts, same weights
+        assert [(layer, experts) for layer, experts, _ in r1] == [(layer, experts) for layer, experts, _ in r2], name
+        for (_, _, w1), (_, _, w2) in zip(r1, r2):
+            assert w1 == pytest.approx(w2, abs=1e-5), name
+
+
+HYBRID = dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_heads=3,
+              linear_head_dim=8)  # issue 22: KDA layers whose states must follow their rows too
+
+
+@pytest.mark.parametrize("attn_impl, overrides", [("absorb", {}), ("naive", {}), ("absorb", HYBRID)])
+def test_batched_streams_give_their_solo_tokens_and_routing_as_they_join_and_leave(attn_impl, overrides):
+    """Continuous batching: six streams (greedy and seeded-sampled, prompts of 2..11 tokens) join a 3-row batch at
+    different steps, a waiting one taking the row another gives back; they leave by budget, at a stop id and by
+    cancellation. Each stream's tokens and routing equal its solo run's (also for a KDA + MLA hybrid)."""
+    model = spread_model(**overrides)
+    prompts = [[5, 17, 33, 2], [9, 1], list(range(3, 14)), [40, 41, 42, 43, 44, 45, 46], [7, 7, 7], [60, 2, 8, 90, 3]]
+    specs = [  # (join at step, prompt, max new, temperature, top_k, seed)
+        (0, prompts[0], 9, 0.0, 0, None),
+        (0, prompts[1], 4, 1.3, 5, 11),
+        (2, prompts[2], 12, 0.0, 0, None),  # joins a running batch
+        (3, prompts[3], 8, 0.9, 0, 12),  # waits: the batch is full until stream 1 leaves
+        (5, prompts[4], 10, 0.0, 0, None),  # stopped at a stop id (below)
+        (6, prompts[5], 10, 1.0, 20, 13),  # cancelled after 3 tokens
+    ]
+    want = [solo_run(model, p, n, t, k, seed) for _, p, n, t, k, seed in specs]
+    free = [tok for tok, _ in want[4]]
+    stop_at = next(j for j in range(2, len(free)) if free[j] not in free[:j])  # a token first seen at j >= 2
+    stops = {4: free[stop_at]}
+    want[4] = solo_run(model, prompts[4], 10, eos=stops[4])
+    assert len(want[4]) == stop_at
+    cancel_after = {5: 3}
+    want[5] = want[5][:3]
+
+    batch = BatchDecoder(model, max_batch=3, attn_impl=attn_impl)
+    got = {i: [] for i in range(len(specs))}
+    waiting, running, step = list(range(len(specs))), {}, 0
+    while waiting or batch.streams:
+        for i in [i for i in waiting if specs[i][0] <= step]:
+            if len(batch.streams) == batch.max_batch:
+                break  # first come, first served: the rest wait for a free row
+            _, prompt, n, temperature, top_k, seed = specs[i]
+            g = None if seed is None else torch.Generator().manual_seed(seed)
+            stream, first = batch.join(prompt, n, temperature, top_k, eos_token_id=stops.get(i), return_routing=True,
+                                       generator=g, owner=i)
+            waiting.remove(i)
+            if first is not None:
+                got[i].append((first.token_id, first.routing))
+        for stream, token in batch.step():
+            if token is not None:
+                got[stream.owner].append((token.token_id, token.routing))
+        for stream in list(batch.streams):
+            if stream.owner in cancel_after and len(got[stream.owner]) >= cancel_after[stream.owner]:
+                batch.leave(stream)  # cancelled: its row goes back
+        assert len(batch.streams) <= 3
+        step += 1
+    for i in range(len(specs)):
+        assert_same_run(got[i], want[i], f"stream {i}")
+    assert batch.cache.kv.shape[1] == 3  # never more rows than the batch bound
+
+
+def test_batch_join_refuses_bad_input_without_disturbing_the_batch():
+    model = spread_model()
+    batch = BatchDecoder(model, max_batch=2)
+    _, first = batch.join([5, 17, 33, 2], 6, owner="good")
+    for bad in [dict(prompt_ids=[1, TINY["vocab_size"]]), dict(prompt_ids=[]), dict(temperature=float("nan")),
+                dict(eos_token_id="x"), dict(max_new_tokens=-2), dict(prompt_ids=[1] * 60, max_new_tokens=10)]:
+        with pytest.raises(ValueError):
+            batch.join(**{"prompt_ids": [1, 2], "max_new_tokens": 3, **bad})
+    assert [s.owner for s in batch.streams] == ["good"]
+    stream, _ = batch.join([1, 2], 0)
+    assert stream.done and len(batch.streams) == 1  # nothing to generate: no row taken
+    batch.join([3, 4], 2, owner="other")
+    with pytest.raises(RuntimeError, match="full"):
+        batch.join([1, 2], 3)
+    tokens = [first.token_id]
+    while batch.streams:
+        tokens += [t.token_id for s, t in batch.step() if s.owner == "good" and t is not None]
+    assert tokens == [t.token_id for t in generate(model, [5, 17, 33, 2], 6)]

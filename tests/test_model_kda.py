@@ -386,3 +386,34 @@ def test_kda_layer_with_per_row_positions_resumes_only_rows_past_zero():
         out = layer(torch.stack([x[0, :3], x[1, 6:9]]), cache=cache, start_pos=torch.tensor([0, 6]))
     close(out[0], full[0, :3], 1e-5)
     close(out[1], full[1, 6:9], 1e-5)
+
+
+def test_hybrid_rows_each_at_its_own_position_match_their_own_forward():
+    """Batched decoding of a hybrid: rows of 3, 9 and 5 tokens prefilled alone into their views of one cache (junk
+    elsewhere), then single tokens and a 2-token chunk with per-row positions give each row's full-forward logits;
+    rows() carries the KDA states, move_row copies them."""
+    model = hybrid()
+    lengths, total = [3, 9, 5], 14
+    seqs = [torch.randint(0, 97, (1, total), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():
+        full = [model(s)[0] for s in seqs]
+        cache = LatentCache(model.config, 4, total, "cpu", torch.float32)
+        for t in (cache.kv, cache.conv, cache.state):
+            t.normal_(0, 100.0)
+        for b, (s, n) in enumerate(zip(seqs, lengths)):
+            model.hidden_states(s[:, :n], cache.rows(b, b + 1), 0)
+        pos = torch.tensor(lengths)
+        for _ in range(3):
+            ids = torch.cat([s[:, int(p):int(p) + 1] for s, p in zip(seqs, pos)])
+            logits = model.lm_head(model.hidden_states(ids, cache.rows(0, 3), pos, attn_impl="absorb"))[:, -1]
+            for b in range(3):
+                close(logits[b], full[b][int(pos[b])], 1e-4)
+            pos = pos + 1
+        ids = torch.cat([s[:, int(p):int(p) + 2] for s, p in zip(seqs, pos)])
+        logits = model.lm_head(model.hidden_states(ids, cache.rows(0, 3), pos, attn_impl="naive"))
+        for b in range(3):
+            close(logits[b], full[b][int(pos[b]):int(pos[b]) + 2], 1e-4)
+    cache.move_row(2, 3, 6)
+    assert torch.equal(cache.state[:, 3], cache.state[:, 2]) and torch.equal(cache.conv[:, 3], cache.conv[:, 2])
+    cache.rows(1, 2).state.zero_()
+    assert cache.state[:, 1].abs().max() == 0 and cache.state[:, 0].abs().max() > 0

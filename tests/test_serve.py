@@ -2,6 +2,8 @@
 chat transcripts that fit the context, admission (running slots, a line with places, turning away) and streaming
 with routing. A tiny random checkpoint with the SmolLM2 tokenizer; no network, never the Hub. (app.py's tests drive
 the same engine through the served page.)"""
+import threading
+
 import pytest
 
 from conftest import APP_TINY, HAVE_TOKENIZER, TOKENIZER_DIR, make_tiny_checkpoint
@@ -50,17 +52,81 @@ def test_settings_are_clamped_and_each_change_explained(engine):
 
 def test_admission_runs_n_streams_keeps_a_line_and_turns_away_beyond_it():
     line = serve.Admission(workers=2, max_waiting=2)
-    first, second = line.join(), line.join()
-    assert first is second is serve.Admission.ADMITTED and line.active == 2
-    third, fourth = line.join(), line.join()
+    first, second = line.join(8), line.join(8)
+    assert line.poll(first) == line.poll(second) == 0 and line.active == 2
+    third, fourth = line.join(8), line.join(8)
     assert line.poll(third) == 1 and line.poll(fourth) == 2 and line.waiting == 2
-    assert line.join() is None and line.turned_away == 1  # the line is full
-    assert line.estimate(1) is None  # no stream has finished yet: no estimate
-    line.leave(4.0)
+    assert line.join(8) is None and line.turned_away == 1  # the line is full
+    assert line.estimate(third) is None  # no token measured yet: no estimate
+    line.leave(first)
     assert line.poll(fourth) == 2  # first come, first served: only the head of the line may start
     assert line.poll(third) == 0 and line.active == 2 and line.poll(fourth) == 1
     line.cancel(fourth)
-    assert line.waiting == 0 and line.estimate(3) == 4.0 * 2  # two rounds of 2 running streams ahead
+    assert line.waiting == 0 and line.active == 2
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_wait_estimates_come_from_the_running_streams_time_per_token():
+    """Issue 23: "about 1 s before yours starts" became 3.2 s, and an estimate rose while its place stayed the same.
+    The estimate is now each running stream's remaining budget at the measured time per token, then the budgets of
+    the tickets ahead in line, slot by slot."""
+    clock = Clock()
+    line = serve.Admission(workers=2, max_waiting=8, clock=clock)
+    a, b = line.join(100), line.join(40)
+    waiting = [line.join(50), line.join(50), line.join(50)]
+    assert [line.poll(t) for t in waiting] == [1, 2, 3]
+    clock.now = 1.0
+    line.progress(a, 10)  # 0.1 s per token
+    line.progress(b, 10)
+    assert line.seconds_per_token() == pytest.approx(0.1)
+    # slots free at 9 s (a: 90 tokens left) and 3 s (b: 30 left); the 1st waiter takes b's slot at 3 s, the 2nd
+    # the 1st waiter's slot when its 50 tokens end at 3 + 5 = 8 s, the 3rd a's slot at 9 s
+    assert [line.estimate(t) for t in waiting] == [pytest.approx(3.0), pytest.approx(8.0), pytest.approx(9.0)]
+    assert line.estimate(2) == pytest.approx(8.0)  # by place, as by ticket
+    previous = [line.estimate(t) for t in waiting]
+    for step in range(2, 4):  # steady progress: no estimate ever rises while its place stays the same
+        clock.now = step * 1.0
+        line.progress(a, 10 * step)
+        line.progress(b, 10 * step)
+        now = [line.estimate(t) for t in waiting]
+        assert all(n <= p + 1e-9 for n, p in zip(now, previous)), (now, previous)
+        previous = now
+    clock.now = 4.0
+    line.progress(a, 40)
+    line.progress(b, 40)
+    line.leave(b)  # b finished its budget: the 1st waiter starts, the others move up
+    assert line.poll(waiting[0]) == 0 and line.poll(waiting[1]) == 1
+    line.leave(a)  # a leaves early (Stop): the measured time per token of finished streams is kept
+    assert line.seconds_per_token() == pytest.approx(0.1)
+    assert line.estimate(waiting[0]) == 0.0  # running: no wait
+
+
+def test_fractional_top_k_and_max_new_tokens_are_rounded_with_a_note(engine):
+    settings, notes = engine.check_settings(0.8, 2.5, 3.7)
+    assert settings["top_k"] == 3 and settings["max_new"] == 4
+    assert "Top-k 2.5 is not a whole number: rounded to 3" in notes[0]
+    assert "Max new tokens 3.7 is not a whole number: rounded to 4" in notes[1]
+    settings, notes = engine.check_settings(0.8, 0.4, 5)
+    assert settings["top_k"] == 0 and "rounded to 0" in notes[0] and "no top-k filter" in notes[1]
+    assert engine.check_settings(0.8, 50, 5)[1] == []  # whole numbers: nothing to say
+
+
+def test_long_prompt_gives_no_false_indexing_errors_warning(engine, capfd):
+    """transformers warned "Token indices sequence length is longer than the specified maximum sequence length ...
+    will result in indexing errors" for every long prompt: the prompt is cut to the context, so it is not true."""
+    text = "word " * 10_000  # 10k tokens, beyond the tokenizer's model_max_length (8192)
+    assert len(engine.tokenizer(text[:60], add_special_tokens=False)["input_ids"]) > 0
+    settings, notes = engine.prepare(text, 0.8, 50, 8)
+    assert len(settings["ids"]) == CONTEXT - 8
+    err = capfd.readouterr().err
+    assert "indexing errors" not in err and "Token indices" not in err, err
 
 
 def test_incremental_decoding_hides_special_tokens_and_partial_characters(tokenizer):
@@ -158,3 +224,191 @@ def test_chat_model_gets_its_chat_template_trimmed_from_the_oldest_turn_and_stop
     first = next(engine.tokens(ids, settings))[0]
     assert list(engine.tokens(ids, {**settings, "stop": (first, engine.end_of_turn)})) == []
     assert len(list(engine.tokens(ids, {**settings, "stop": None}))) == 5
+
+
+# -- continuous batching (serve.Batcher) ----------------------------------------------------------------------------
+
+
+def solo(engine, ids, settings):
+    """A stream's solo run: generate() with the same settings and seed, routing as Engine.tokens formats it."""
+    seed = settings.get("seed")
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    out = []
+    for t in generate(engine.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
+                      top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1),
+                      generator=g):
+        out.append((t.token_id, [(layer, sorted(experts), sorted(weights, reverse=True))
+                                 for layer, experts, weights in t.routing]))
+    return out
+
+
+def assert_matches_solo(streamed, want):
+    assert [t for t, *_ in streamed] == [t for t, _ in want]
+    for (_, _, routing, _), (_, layers) in zip(streamed, want):
+        assert [(r["layer"], sorted(r["experts"])) for r in routing] == [(l, e) for l, e, _ in layers]
+        for r, (_, _, weights) in zip(routing, layers):
+            assert r["weights"] == pytest.approx(weights, abs=2e-4)  # Engine.tokens rounds to 4 digits
+
+
+class Gate:
+    """Holds the Batcher's decode loop before each batched step until the test lets it go, and logs the streams
+    (their first prompt id) each step ran."""
+
+    def __init__(self, monkeypatch):
+        self.permits = threading.Semaphore(0)
+        self.log = []
+        self.parked = threading.Event()  # the loop waits here, the streams that join before this step collected
+        step = serve.Batcher._step
+
+        def gated(batcher, decoder):
+            self.parked.set()
+            assert self.permits.acquire(timeout=120), "the test never let this step go"
+            self.parked.clear()
+            self.log.append(sorted(s.owner.ids[0] for s in decoder.streams))
+            step(batcher, decoder)
+
+        monkeypatch.setattr(serve.Batcher, "_step", gated)
+
+    def steps(self, n):
+        for _ in range(n):
+            self.permits.release()
+
+    def step(self):
+        """Let exactly one batched step run and wait until the loop is parked before the next one."""
+        done = len(self.log) + 1
+        self.permits.release()
+        wait_for(lambda: len(self.log) >= done and self.parked.is_set(), "a step")
+
+
+def run_in_thread(engine, ids, settings, results, key):
+    def run():
+        try:
+            results[key] = list(engine.tokens(ids, settings))
+        except Exception as err:  # noqa: BLE001 - the test reads what each stream raised
+            results[key] = err
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for(condition, what):
+    import time
+
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_batched_streams_that_join_and_leave_give_their_solo_tokens_and_routing(engine, monkeypatch):
+    """Three streams of different prompt lengths, greedy and seeded-sampled, join the decode loop at different steps
+    (before steps 1, 5 and 8) and leave at different steps (budgets 10, 6, 7: after steps 9, 9 and 13); each streams
+    exactly its solo run's tokens and routing."""
+    gate = Gate(monkeypatch)
+    texts = ["The law of demand", "Photosynthesis is the process by which plants", "In 1850"]
+    requests = []
+    for text, (temperature, top_k, n, seed) in zip(texts, [(0, 0, 10, None), (0.9, 20, 6, 7), (1.2, 0, 7, 8)]):
+        settings, _ = engine.prepare(text, temperature, top_k, n)
+        if seed is not None:
+            settings["seed"] = seed
+        requests.append((settings["ids"], settings))
+    assert len({len(ids) for ids, _ in requests}) == 3
+    results, threads = {}, []
+    for i, (ids, settings) in enumerate(requests):
+        threads.append(run_in_thread(engine, ids, settings, results, i))
+        if i == 0:
+            wait_for(gate.parked.is_set, "the first stream to join")
+        else:  # submitted while the loop is parked before a step: it joins right after that step
+            wait_for(lambda: engine.batcher._joining, "the stream to be submitted")
+        for _ in range(3 if i < 2 else 0):
+            gate.step()
+    gate.steps(100)
+    for thread in threads:
+        thread.join(timeout=300)
+    for i, (ids, settings) in enumerate(requests):
+        assert not isinstance(results[i], Exception), results[i]
+        assert_matches_solo(results[i], solo(engine, ids, settings))
+    first = [ids[0] for ids, _ in requests]
+    assert gate.log == [[first[0]]] * 4 + [sorted(first[:2])] * 3 + [sorted(first)] * 2 + [[first[2]]] * 4
+    assert engine.batcher.running == 0
+
+
+def test_a_cancelled_stream_gives_its_row_to_a_waiting_one(engine, monkeypatch):
+    gate = Gate(monkeypatch)
+    monkeypatch.setattr(engine, "batcher", serve.Batcher(engine.model, max_batch=1))
+    first, _ = engine.prepare("The law of demand", 0, 0, 40)
+    second, _ = engine.prepare("In 1850", 0.7, 0, 6)
+    second["seed"] = 3
+    stream = engine.tokens(first["ids"], first)
+    got = [next(stream)]  # the first token comes with the prefill
+    results = {}
+    thread = run_in_thread(engine, second["ids"], second, results, "second")
+    gate.steps(2)
+    got += [next(stream), next(stream)]
+    stream.close()  # the visitor went away: its row goes to the waiting stream
+    gate.steps(100)
+    thread.join(timeout=300)
+    assert_matches_solo(got, solo(engine, first["ids"], first)[:3])
+    assert_matches_solo(results["second"], solo(engine, second["ids"], second))
+    first_id = first["ids"][0]
+    assert sum(streams == [first_id] for streams in gate.log) <= 3  # it stopped soon after, not after 40 tokens
+    assert len(gate.log) < 40
+
+
+def test_bad_input_or_a_failure_in_one_stream_never_disturbs_another(engine, monkeypatch):
+    """While a stream runs: out-of-vocabulary ids, a NaN temperature, a malformed stop id, a bad seed and a prefill
+    that fails inside the model each end only their own stream; the running one still gives its solo run. A failing
+    batched step ends the streams in it, and the next stream runs normally."""
+    gate = Gate(monkeypatch)
+    good, _ = engine.prepare("The law of demand", 0.8, 30, 12)
+    good["seed"] = 5
+    results = {}
+    threads = [run_in_thread(engine, good["ids"], good, results, "good")]
+    wait_for(lambda: engine.batcher._thread is not None and not engine.batcher._joining, "the good stream to join")
+    gate.steps(3)
+    model = engine.model
+    hidden_states = model.hidden_states
+
+    def failing(ids, *args, **kwargs):  # a prefill that fails inside the model: prompts of exactly 7 tokens
+        if ids.shape[1] == 7:
+            raise RuntimeError("prefill failed")
+        return hidden_states(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", failing)
+    settings, _ = engine.check_settings(0, 0, 5)
+    bad = {"ids": ([5, engine.model.config.vocab_size + 3], settings),
+           "nan": ([5, 6], {**settings, "temperature": float("nan")}),
+           "stop": ([5, 6], {**settings, "stop": ("x",)}),
+           "seed": ([5, 6], {**settings, "seed": "not a seed"}),
+           "prefill": ([5] * 7, settings)}
+    for key, (ids, s) in bad.items():
+        threads.append(run_in_thread(engine, ids, s, results, key))
+    gate.steps(100)
+    for thread in threads:
+        thread.join(timeout=300)
+    for key in bad:
+        assert isinstance(results[key], Exception), key
+    assert "outside the vocabulary" in str(results["ids"]) and "temperature" in str(results["nan"])
+    assert "prefill failed" in str(results["prefill"])
+    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    assert_matches_solo(results["good"], solo(engine, good["ids"], good))
+
+    def failing_step(ids, cache, start_pos, *args, **kwargs):
+        if torch.is_tensor(start_pos):
+            raise RuntimeError("step failed")
+        return hidden_states(ids, cache, start_pos, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", failing_step)
+    with pytest.raises(RuntimeError, match="step failed"):
+        list(engine.tokens(good["ids"], good))
+    monkeypatch.setattr(model, "hidden_states", hidden_states)
+    assert_matches_solo(list(engine.tokens(good["ids"], good)), solo(engine, good["ids"], good))
+
+
+def test_per_stream_engine_keeps_its_own_loops_and_seeds(engine, monkeypatch):
+    """Engine(batching=False) (what the benchmark compares against): each stream its own decode loop, a seeded
+    stream gives its solo run."""
+    monkeypatch.setattr(engine, "batcher", None)
+    settings, _ = engine.prepare("The law of demand", 1.0, 0, 6)
+    settings["seed"] = 21
+    assert_matches_solo(list(engine.tokens(settings["ids"], settings)), solo(engine, settings["ids"], settings))
