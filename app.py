@@ -645,6 +645,19 @@ def _tokens(n) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.1f} M"
     return f"{int(n):,}"
+
+
+def layer_pattern_row(cfg) -> str:
+    """About's table row for a KDA + MLA hybrid (issue 22): which layers are which; "" for an all-MLA model."""
+    if not cfg.is_hybrid:
+        return ""
+    pattern = " ".join("M" if i in cfg.mla_layers else "K" for i in range(cfg.num_hidden_layers))
+    return (f"| Layer pattern | hybrid in the way of Kimi Linear: `{pattern}` (K = KDA, Kimi Delta Attention, "
+            f"{cfg.linear_num_heads} heads × {cfg.linear_head_dim}, a fixed-size state of {cfg.kda_state_values:,} "
+            f"values per sequence; M = MLA without rope, at layers {', '.join(map(str, cfg.mla_layers))}): "
+            f"the KV cache grows in {len(cfg.mla_layers)} of {cfg.num_hidden_layers} layers only |\n")
+
+
 def about_markdown(engine: Engine) -> str:
     parts = []
     tokens_seen = None
@@ -666,9 +679,10 @@ def about_markdown(engine: Engine) -> str:
             f"per-head dims nope {cfg.qk_nope_head_dim}, rope {cfg.qk_rope_head_dim}, value {cfg.v_head_dim}; "
             f"queries {'low-rank ' + str(cfg.q_lora_rank) if cfg.q_lora_rank else 'full-rank'} |\n"
             f"| KV cache | **{values} values per token per layer** ({values * 4} B fp32, {values * 2} B bf16; "
-            f"{values * 4 * cfg.num_hidden_layers / 1024:.1f} KiB per token over all layers in fp32) vs "
+            f"{values * 4 * len(cfg.mla_layers) / 1024:.1f} KiB per token over all MLA layers in fp32) vs "
             f"{SMOLLM2_GQA_VALUES} for SmolLM2-135M's GQA (3 kv heads × 64 dims × K and V): "
             f"**{values / SMOLLM2_GQA_VALUES:.2f}×** |\n"
+            f"{layer_pattern_row(cfg)}"
             f"| MoE | {cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok} per token, "
             f"{cfg.n_shared_experts} shared; sigmoid router, a bias picks experts (balancing), weights from the "
             f"unbiased scores; expert size {cfg.moe_intermediate_size} |\n"

@@ -14,7 +14,13 @@ import os
 import typing
 from dataclasses import dataclass, field
 
-MAX_CONTEXT = 1 << 20  # positions; far beyond what this model is trained for, small enough to allocate
+MAX_CONTEXT = 1 << 20
+LAYER_TYPES = ("full_attention", "linear_attention")
+HYBRID_KEYS = ("layer_types", "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
+# our field -> transformers' KimiLinearConfig name on disk (its attribute_map)
+KIMI_NAMES = {"n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_token",
+              "n_shared_experts": "num_shared_experts", "n_group": "num_expert_group",
+              "norm_topk_prob": "moe_renormalize", "max_position_embeddings": "model_max_length"}  # positions; far beyond what this model is trained for, small enough to allocate
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -121,12 +127,20 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 0
     pad_token_id: int | None = None
+    # Hybrid (issue 22, transformers' kimi_linear): per layer "full_attention" (MLA) or "linear_attention" (KDA,
+    # Kimi Delta Attention). Absent or all "full_attention": the MLA model, saved as deepseek_v3, as before.
+    # A hybrid's MLA layers are NoPE (no rotation anywhere), as Kimi Linear's; its KDA layers carry position.
+    layer_types: list | None = None
+    linear_num_heads: int = 9
+    linear_head_dim: int = 64
+    linear_conv_kernel_dim: int = 4
 
     def __post_init__(self):
         positive = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
                     "max_position_embeddings", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group",
-                    "rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor"]
+                    "rope_theta", "rms_norm_eps", "initializer_range", "routed_scaling_factor", "linear_num_heads",
+                    "linear_head_dim", "linear_conv_kernel_dim"]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"key '{key}' must be > 0, got {getattr(self, key)!r}")
@@ -140,7 +154,7 @@ class ModelConfig:
                               f"{self.max_position_embeddings}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
             raise ConfigError(f"key 'q_lora_rank' must be > 0 or null, got {self.q_lora_rank!r}")
-        if self.qk_rope_head_dim % 2:
+        if self.qk_rope_head_dim % 2 and not self.is_hybrid:  # a hybrid's MLA never rotates
             raise ConfigError(f"key 'qk_rope_head_dim' must be even (rope rotates pairs), got {self.qk_rope_head_dim}")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(f"key 'num_experts_per_tok' ({self.num_experts_per_tok}) must be <= "
@@ -161,10 +175,42 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ConfigError(f"key '{key}' must be a token id in [0, vocab_size), got {value!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ConfigError(f"key 'layer_types' must name one type per layer ({self.num_hidden_layers}), "
+                                  f"got {len(self.layer_types)}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ConfigError(f"key 'layer_types': {bad[0]!r} is not one of {', '.join(LAYER_TYPES)}")
+        if self.is_hybrid and self.n_shared_experts < 1:
+            raise ConfigError("key 'n_shared_experts' must be >= 1 in a hybrid: transformers' KimiLinear MoE always "
+                              "has a shared expert")
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_hybrid(self) -> bool:
+        """True when some layer is KDA: the model is then saved as kimi_linear and its MLA layers are NoPE."""
+        return self.layer_types is not None and "linear_attention" in self.layer_types
+
+    @property
+    def mla_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if not self.is_hybrid or
+                self.layer_types[i] == "full_attention"]
+
+    @property
+    def kda_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_hybrid and
+                self.layer_types[i] == "linear_attention"]
+
+    @property
+    def kda_state_values(self) -> int:
+        """Values one KDA layer keeps per sequence whatever its length: the [heads, dk, dk] fp32 recurrent state and
+        the last (kernel - 1) inputs of the short convolution over q, k and v."""
+        D = self.linear_num_heads * self.linear_head_dim
+        return self.linear_num_heads * self.linear_head_dim ** 2 + 3 * D * (self.linear_conv_kernel_dim - 1)
 
     @property
     def num_moe_layers(self) -> int:
@@ -188,7 +234,11 @@ class ModelConfig:
 
     # -- Hugging Face config.json --------------------------------------------------------------------------------
     def to_hf_dict(self) -> dict:
+        if self.is_hybrid:
+            return self._to_kimi_linear_dict()
         out = dataclasses.asdict(self)
+        for key in HYBRID_KEYS:  # an MLA model's config.json stays exactly what it was before hybrids existed
+            out.pop(key)
         theta = out.pop("rope_theta")
         out.update(
             model_type="deepseek_v3",
@@ -208,8 +258,11 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise ConfigError(f"{where}: expected a JSON object (a mapping of keys to values), got "
                               f"{type(hf).__name__}")
+        if hf.get("model_type") == "kimi_linear":
+            return cls._from_kimi_linear_dict(hf, where)
         if hf.get("model_type") != "deepseek_v3":
-            raise ConfigError(f"{where}: model_type must be 'deepseek_v3', got {hf.get('model_type')!r}")
+            raise ConfigError(f"{where}: model_type must be 'deepseek_v3' or 'kimi_linear', got "
+                              f"{hf.get('model_type')!r}")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ConfigError(f"{where}: rope type {rope.get('rope_type')!r} (e.g. YaRN) is not supported; "
@@ -217,7 +270,7 @@ class ModelConfig:
         for key, expected in [("hidden_act", "silu"), ("attention_bias", False)]:
             if hf.get(key, expected) != expected:
                 raise ConfigError(f"{where}: key '{key}' = {hf[key]!r} is not supported (only {expected!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - set(HYBRID_KEYS)
         values = {k: v for k, v in hf.items() if k in names}
         theta = rope.get("rope_theta", hf.get("rope_theta"))
         if theta is not None:
@@ -225,6 +278,83 @@ class ModelConfig:
         for key in ["bos_token_id", "eos_token_id"]:  # transformers allows a list of eos ids; we use the first
             if isinstance(values.get(key), list):
                 values[key] = values[key][0] if values[key] else None
+        return cls.from_dict(values, where)
+
+    def _to_kimi_linear_dict(self) -> dict:
+        """config.json of a hybrid in transformers' kimi_linear format (KimiLinearConfig.to_dict's names), with
+        layer_types and mlp_layer_types explicit. Our own keys (balancing, router extras) ride along; transformers
+        keeps unknown keys as attributes and ignores them. No rope keys: a hybrid's MLA layers are NoPE."""
+        out = dataclasses.asdict(self)
+        for key in ("rope_theta", "rope_interleave"):
+            out.pop(key)
+        for ours, theirs in KIMI_NAMES.items():
+            out[theirs] = out.pop(ours)
+        out.update(
+            model_type="kimi_linear",
+            architectures=["KimiLinearForCausalLM"],
+            num_key_value_heads=self.num_attention_heads,
+            mlp_layer_types=["dense" if i < self.first_k_dense_replace else "sparse"
+                             for i in range(self.num_hidden_layers)],
+            layer_types=list(self.layer_types),
+            hidden_act="silu",
+            attention_bias=False,
+            attention_dropout=0.0,
+            use_cache=True,
+        )
+        return out
+
+    @classmethod
+    def _from_kimi_linear_dict(cls, hf: dict, where: str) -> "ModelConfig":
+        """A kimi_linear config.json, as transformers writes it or as Moonshot's checkpoints do (linear_attn_config
+        with 1-indexed kda_layers / full_attn_layers), -> a hybrid ModelConfig."""
+        for key, expected in [("hidden_act", "silu"), ("attention_bias", False)]:
+            if hf.get(key, expected) != expected:
+                raise ConfigError(f"{where}: key '{key}' = {hf[key]!r} is not supported (only {expected!r})")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_interleave"}
+        values = {k: v for k, v in hf.items() if k in names}
+        for ours, theirs in KIMI_NAMES.items():  # transformers' / Moonshot's names win over ours
+            if theirs in hf:
+                values[ours] = hf[theirs]
+        if "num_experts" not in hf and "num_local_experts" in hf:
+            values["n_routed_experts"] = hf["num_local_experts"]
+        L = values.get("num_hidden_layers", cls.num_hidden_layers)
+        linear = hf.get("linear_attn_config") or {}
+        if not isinstance(linear, dict):
+            raise ConfigError(f"{where}: key 'linear_attn_config' must be a mapping, got {linear!r}")
+        for theirs, ours in [("head_dim", "linear_head_dim"), ("num_heads", "linear_num_heads"),
+                             ("short_conv_kernel_size", "linear_conv_kernel_dim")]:
+            if theirs in linear:
+                values[ours] = linear[theirs]
+        layer_types = hf.get("layer_types")
+        if layer_types is None and "kda_layers" in linear and "full_attn_layers" in linear:
+            layer_types = [None] * L
+            try:
+                for i in linear["full_attn_layers"]:
+                    layer_types[i - 1] = "full_attention"  # 1-indexed in Moonshot's config
+                for i in linear["kda_layers"]:
+                    layer_types[i - 1] = "linear_attention"
+            except (IndexError, TypeError):
+                raise ConfigError(f"{where}: linear_attn_config's kda_layers / full_attn_layers must be layer "
+                                  f"numbers 1..{L}") from None
+        elif layer_types is None:  # transformers' default: MLA at every 4th layer after the first
+            layer_types = ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(L)]
+        values["layer_types"] = layer_types
+        if "linear_attention" not in layer_types:
+            raise ConfigError(f"{where}: a kimi_linear config without any 'linear_attention' layer is an all-NoPE "
+                              "MLA model, which this project does not build (save an MLA model as deepseek_v3)")
+        mlp_types = hf.get("mlp_layer_types")
+        if mlp_types is not None:
+            k = next((i for i, t in enumerate(mlp_types) if t != "dense"), len(mlp_types))
+            if len(mlp_types) != L or any(t != "sparse" for t in mlp_types[k:]):
+                raise ConfigError(f"{where}: key 'mlp_layer_types' must be 'dense' layers then 'sparse' ones, one "
+                                  f"per layer ({L}), got {mlp_types!r}")
+            values["first_k_dense_replace"] = k
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"]:
+            if isinstance(values.get(key), list):
+                values[key] = values[key][0] if values[key] else None
+            vocab = values.get("vocab_size", cls.vocab_size)
+            if isinstance(values.get(key), int) and not 0 <= values[key] < vocab:
+                values[key] = None  # an id outside the vocabulary can never be produced or fed: as good as none
         return cls.from_dict(values, where)
 
 

@@ -242,6 +242,8 @@ class BatchDecoder:
         self.cache = LatentCache(cfg, new_rows, new_len, weight.device, weight.dtype)
         if old is not None:
             self.cache.kv[:, :old_rows, :old_len] = old.kv
+            self.cache.conv[:, :old_rows] = old.conv  # a hybrid's KDA states (empty for an all-MLA model)
+            self.cache.state[:, :old_rows] = old.state
 
     def _sample(self, stream: BatchStream, logits: torch.Tensor, layers, row: int) -> GeneratedToken | None:
         token = sample_token(logits, stream.temperature, stream.top_k, stream.generator)

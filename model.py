@@ -3,6 +3,8 @@ Mixture-of-Experts with auxiliary-loss-free load balancing.
 
 One readable file in the spirit of nanoGPT and DeepSeek-V3's inference/model.py. Weights and config.json follow the
 Hugging Face `deepseek_v3` format, so `transformers.AutoModelForCausalLM` loads our checkpoints with the same logits.
+With `layer_types` (issue 22) some layers are KDA (KimiDeltaAttention, linear attention with a fixed-size state) and
+the model is a Kimi Linear hybrid, saved in transformers' `kimi_linear` format.
 
     from model import SmolLM2DeepSeek, ModelConfig
     model = SmolLM2DeepSeek(ModelConfig.from_yaml("config_smollm2_135.yaml"))
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -76,24 +80,38 @@ class LatentCache:
     side in one tensor, so [c | kr] is the absorbed attention's key and c its value without a copy per step."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        L, dc, dr = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
+        L, dc, dr = len(config.mla_layers), config.kv_lora_rank, config.qk_rope_head_dim
         self.kv = torch.zeros(L, batch_size, max_len, dc + dr, device=device, dtype=dtype)  # [L, B, S, dc + dr]
         self.max_len = max_len
+        # A hybrid's KDA layers (see KimiDeltaAttention): per layer the short convolution's last (kernel - 1)
+        # inputs [B, 3 * H * dk, kernel - 1] and the fp32 recurrent state [B, H, dk, dk], whatever the length.
+        n_kda, H, dk = len(config.kda_layers), config.linear_num_heads, config.linear_head_dim
+        self.conv = torch.zeros(n_kda, batch_size, 3 * H * dk, config.linear_conv_kernel_dim - 1, device=device,
+                                dtype=dtype)
+        self.state = torch.zeros(n_kda, batch_size, H, dk, dk, device=device, dtype=torch.float32)
 
     def bytes_per_token_per_layer(self) -> int:
         return self.kv.shape[-1] * self.kv.element_size()
 
+    def nbytes(self) -> int:
+        """Bytes held: the MLA latents of every position plus the KDA layers' fixed-size states."""
+        return sum(t.numel() * t.element_size() for t in (self.kv, self.conv, self.state))
+
     def rows(self, a: int, b: int) -> "LatentCache":
         """Rows a..b-1 as a cache of their own: a view, so what a forward writes there lands in this cache (a
-        stream joining a batch is prefilled straight into its row)."""
+        stream joining a batch is prefilled straight into its row). A hybrid's KDA states come along (batch on
+        dim 1, as the latents)."""
         view = LatentCache.__new__(LatentCache)
         view.kv, view.max_len = self.kv[:, a:b], self.max_len
+        view.conv, view.state = self.conv[:, a:b], self.state[:, a:b]
         return view
 
     def move_row(self, src: int, dst: int, length: int | None = None) -> None:
-        """Copy row src's first `length` positions (default: all) into row dst."""
+        """Copy row src's first `length` positions (default: all) into row dst, and its KDA states."""
         length = self.max_len if length is None else length
         self.kv[:, dst, :length] = self.kv[:, src, :length]
+        self.conv[:, dst] = self.conv[:, src]
+        self.state[:, dst] = self.state[:, src]
 
 
 class MLA(nn.Module):
@@ -106,6 +124,8 @@ class MLA(nn.Module):
         self.dn, self.dr, self.dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.dc = config.kv_lora_rank
         self.interleave = config.rope_interleave
+        self.rope = not config.is_hybrid  # a hybrid's MLA is NoPE (Kimi Linear): the rope slice stays unrotated
+        self.cache_idx = config.mla_layers.index(layer_idx)  # this layer's slot in LatentCache.kv
         self.scale = config.qk_head_dim ** -0.5
         d, n = config.hidden_size, config.num_attention_heads
         if config.q_lora_rank is None:
@@ -135,25 +155,26 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)  # [B, n, T, dn+dr]
         q_nope, q_rope = q.split([self.dn, self.dr], dim=-1)
-        q_rope = apply_rope(q_rope, cos.unsqueeze(1) if rows else cos, sin.unsqueeze(1) if rows else sin,
-                            self.interleave)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.dc, self.dr], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, dc]
-        k_rope = apply_rope(k_rope, cos, sin, self.interleave)  # [B, T, dr]
+        if self.rope:
+            q_rope = apply_rope(q_rope, cos.unsqueeze(1) if rows else cos, sin.unsqueeze(1) if rows else sin,
+                                self.interleave)
+            k_rope = apply_rope(k_rope, cos, sin, self.interleave)  # [B, T, dr]
         future = None
         if rows:
             if cache is None:
                 raise ValueError("per-row positions (a start_pos tensor) need a cache")
             positions = start_pos[:, None] + torch.arange(T, device=x.device)  # [B, T]: each row's own slots
-            layer = cache.kv[self.layer_idx]
+            layer = cache.kv[self.cache_idx]
             new_kv = torch.cat([latent, k_rope], dim=-1).to(layer.dtype)
             layer[torch.arange(B, device=x.device)[:, None], positions] = new_kv
             S = int(positions.max()) + 1  # the longest row; a shorter row masks the slots past its own end
             kv = layer[:B, :S]
             future, start_pos = self._future(positions, S), 0  # [B, T, S]
         elif cache is not None:
-            cache.kv[self.layer_idx, :B, start_pos:start_pos + T] = torch.cat([latent, k_rope], dim=-1)
-            kv = cache.kv[self.layer_idx, :B, :start_pos + T]  # [B, S, dc + dr]: every position so far
+            cache.kv[self.cache_idx, :B, start_pos:start_pos + T] = torch.cat([latent, k_rope], dim=-1)
+            kv = cache.kv[self.cache_idx, :B, :start_pos + T]  # [B, S, dc + dr]: every position so far
         else:
             kv = torch.cat([latent, k_rope], dim=-1) if attn_impl == "absorb" else None
         if attn_impl == "naive":
@@ -209,6 +230,227 @@ class MLA(nn.Module):
             scores.masked_fill_(future.repeat(n, 1), float("-inf"))
         o_latent = torch.matmul(scores.softmax(-1), kv[..., :self.dc])  # [B, n*T, dc]
         return torch.matmul(o_latent.view(B, n, T, self.dc), w_uv.transpose(1, 2))  # [B, n, T, dv]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KDA: Kimi Delta Attention (Kimi Linear, Moonshot 2025), the linear-attention layers of a hybrid
+#
+# Per head, a state S [dk, dv] (a fast-weight memory from keys to values) replaces the growing KV cache. Each token
+# first decays S per key channel, then writes with the delta rule (correct what S predicts for k_t by beta_t):
+#     S'_t = diag(exp(g_t)) S_{t-1};   S_t = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T;   o_t = S_t^T q_t
+# with q, k L2-normalised (q also scaled by dk^-0.5), g_t <= 0 a per-channel log-decay and beta_t in (0, 1).
+# Three forms compute the same thing (tests/test_model_kda.py holds them to each other and to transformers'):
+# kda_recurrent (one token at a time: decoding), kda_chunked (chunks of C tokens in parallel, a loop over chunks
+# only: training and long prefills) and kda_quadratic (the whole sequence as one masked T x T product: tests).
+#
+# Within a span starting from state S0, with G_t = sum_{s <= t} g_s (per channel) the state unrolls to
+#     S_t = diag(exp(G_t)) S0 + sum_{i <= t} diag(exp(G_t - G_i)) k_i u_i^T,
+#     u_i = beta_i (v_i - (exp(G_i) * k_i)^T S0) - beta_i sum_{j < i} A'_ij u_j,  A'_ij = k_i . (exp(G_i - G_j) * k_j)
+# i.e. (I + diag(beta) A') U = diag(beta) (V - (exp(G) * K) S0): one unit lower-triangular solve per span. The
+# exponents G_i - G_j (j <= i) are <= 0; the others are masked to -inf BEFORE exp, so no decay overflows however
+# strong (g down to -800 stays finite).
+
+KDA_RECURRENT_MAX_T = 64  # no-grad calls up to this many tokens run the recurrent form (unmeasured choice, see docs)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim (FLA's and transformers' form: + eps, not max(norm, eps))."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _kda_inputs(q, k, v, g, beta, state, scale):
+    """Cast to the compute dtype (fp32, or fp64 when given fp64) and lay out heads first: [B, H, T, D]."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g = (t.to(dtype).transpose(1, 2) for t in (q, k, v, g))
+    beta = beta.to(dtype).transpose(1, 2)  # [B, H, T]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, H, _, dk = k.shape
+    if state is None:
+        state = torch.zeros(B, H, dk, v.shape[-1], dtype=dtype, device=q.device)
+    return q * scale, k, v, g, beta, state.to(dtype)
+
+
+def kda_recurrent(q, k, v, g, beta, state=None, scale=None):
+    """The recurrent form. q, k [B, T, H, dk] (already L2-normalised), v [B, T, H, dv], g [B, T, H, dk] (log-decay,
+    <= 0), beta [B, T, H], state [B, H, dk, dv] or None (zeros) -> (o [B, T, H, dv] in q's dtype, final state in the
+    compute dtype). One step per token: O(1) in the context length, what decoding needs."""
+    out_dtype = q.dtype
+    q, k, v, g, beta, S = _kda_inputs(q, k, v, g, beta, state, scale)
+    outs = []
+    for t in range(q.shape[2]):
+        S = S * g[:, :, t].exp().unsqueeze(-1)  # decay each key channel (a row of S)
+        k_t = k[:, :, t].unsqueeze(-2)  # [B, H, 1, dk]
+        u = (v[:, :, t] - (k_t @ S).squeeze(-2)) * beta[:, :, t, None]  # the delta rule's correction
+        S = S + k_t.transpose(-1, -2) * u.unsqueeze(-2)
+        outs.append((q[:, :, t].unsqueeze(-2) @ S).squeeze(-2))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape[0], 0, v.shape[1], v.shape[3])
+    return o.to(out_dtype), S
+
+
+def _kda_span(q, k, v, G, beta):
+    """The parts of a span (a chunk, or the whole sequence) that do not depend on the incoming state. Inputs
+    [..., C, D] with G the within-span cumulative log-decay. Returns the intra-span scores P [..., C, C]
+    (P_ti = q_t . (exp(G_t - G_i) * k_i), i <= t), and the solved U0 = (I + A)^-1 beta V and
+    W = (I + A)^-1 beta (exp(G) * K), so that U = U0 - W S0 for an incoming state S0."""
+    C = q.shape[-2]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G.unsqueeze(-2) - G.unsqueeze(-3)).masked_fill(~causal[..., None], float("-inf")).exp()  # [.., C, C, dk]
+    scores = torch.einsum("...tc,...ic,...tic->...ti", q, k, decay)
+    a = torch.einsum("...tc,...ic,...tic->...ti", k, k, decay) * beta.unsqueeze(-1)
+    a = a.masked_fill(~causal.tril(-1), 0) + torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([v, k * G.exp()], dim=-1) * beta.unsqueeze(-1)
+    solved = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    u0, w = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
+    return scores, u0, w
+
+
+def kda_chunked(q, k, v, g, beta, state=None, scale=None, chunk_size: int = 64):
+    """The chunked form (differentiable: training and long prefills), same arguments and results as
+    kda_recurrent. Every chunk's intra-chunk work (masked decays, one triangular solve) runs batched; only the
+    hand-over of the state from chunk to chunk is a loop, over T / chunk_size chunks."""
+    out_dtype = q.dtype
+    q, k, v, g, beta, S = _kda_inputs(q, k, v, g, beta, state, scale)
+    B, H, T, dk = k.shape
+    dv, C = v.shape[-1], chunk_size
+    if T == 0:
+        return v.new_zeros(B, 0, H, dv).to(out_dtype), S
+    pad = (-T) % C  # padded tokens: g 0 (no decay) and beta 0 (no write) leave the state as it is
+    N = (T + pad) // C
+
+    def chunks(x):
+        return F.pad(x, (0, 0, 0, pad)).view(B, H, N, C, x.shape[-1])
+
+    q, k, v, g = chunks(q), chunks(k), chunks(v), chunks(g)
+    beta = F.pad(beta, (0, pad)).view(B, H, N, C)
+    G = g.cumsum(-2)
+    scores, u0, w = _kda_span(q, k, v, G, beta)
+    q_decayed = q * G.exp()  # reads the incoming state, decayed up to each token
+    end = G[..., -1:, :]  # [B, H, N, 1, dk]: the decay over the whole chunk
+    k_to_end = k * (end - G).exp()  # each write, decayed to the chunk's end
+    outs = []
+    for n in range(N):
+        u = u0[:, :, n] - w[:, :, n] @ S
+        outs.append(q_decayed[:, :, n] @ S + scores[:, :, n] @ u)
+        S = S * end[:, :, n].exp().transpose(-1, -2) + k_to_end[:, :, n].transpose(-1, -2) @ u
+    o = torch.stack(outs, dim=2).view(B, H, N * C, dv)[:, :, :T]
+    return o.transpose(1, 2).to(out_dtype), S
+
+
+def kda_quadratic(q, k, v, g, beta, state=None, scale=None):
+    """The quadratic form, for tests: the whole sequence as one span, o = (exp(G) * Q) S0 + P U with the T x T
+    masked scores P and U from one T x T triangular solve. Same arguments and results as kda_recurrent."""
+    out_dtype = q.dtype
+    q, k, v, g, beta, S0 = _kda_inputs(q, k, v, g, beta, state, scale)
+    G = g.cumsum(-2)
+    scores, u0, w = _kda_span(q, k, v, G, beta)
+    u = u0 - w @ S0
+    o = (q * G.exp()) @ S0 + scores @ u
+    end = G[..., -1:, :]
+    S = S0 * end.exp().transpose(-1, -2) + (k * (end - G).exp()).transpose(-1, -2) @ u
+    return o.transpose(1, 2).to(out_dtype), S
+
+
+class GatedRMSNorm(nn.Module):
+    """KDA's output norm: RMSNorm over each head's dv values in fp32, times sigmoid(gate)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return (x * torch.sigmoid(gate.float())).to(dtype)
+
+
+class ForgetGate(nn.Module):
+    """KDA's per-channel log-decay g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias) <= 0, in fp32. A_log [1, 1, H, 1]
+    is one rate per head, dt_bias one bias per channel; f_a -> f_b is a low-rank (dk) projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, dk = config.linear_num_heads, config.linear_head_dim
+        self.head_dim = dk
+        self.f_a_proj = nn.Linear(config.hidden_size, dk, bias=False)
+        self.f_b_proj = nn.Linear(dk, H * dk, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(H * dk))
+        self.A_log = nn.Parameter(torch.empty(1, 1, H, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        raw = (self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()).view(B, T, -1, self.head_dim)
+        return -self.A_log.float().exp() * F.softplus(raw)  # [B, T, H, dk]
+
+
+class KimiDeltaAttention(nn.Module):
+    """Kimi Delta Attention (Kimi Linear §2): q/k/v projections, a causal depthwise short convolution + SiLU over
+    them, q and k L2-normalised in fp32, the per-channel decay (ForgetGate), beta = sigmoid(b_proj(x)), the delta-rule
+    state update (kda_* above), a gated RMSNorm per head, o_proj. Module names are transformers' (kimi_linear), so a
+    state dict maps 1:1. A cache keeps, for this layer, the convolution's last inputs and the fp32 state: decoding
+    costs the same at every position."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.cache_idx = config.kda_layers.index(layer_idx)  # this layer's slot in LatentCache.conv / .state
+        d, H, dk = config.hidden_size, config.linear_num_heads, config.linear_head_dim
+        self.n_heads, self.head_dim, self.kernel = H, dk, config.linear_conv_kernel_dim
+        D = H * dk
+        self.q_proj = nn.Linear(d, D, bias=False)
+        self.k_proj = nn.Linear(d, D, bias=False)
+        self.v_proj = nn.Linear(d, D, bias=False)
+        # one depthwise convolution over [q | k | v] (transformers' conv1d; Moonshot's files split it in three)
+        self.conv1d = nn.Conv1d(3 * D, 3 * D, self.kernel, groups=3 * D, bias=False)
+        self.forget_gate = ForgetGate(config)
+        self.b_proj = nn.Linear(d, H, bias=False)
+        self.g_a_proj = nn.Linear(d, dk, bias=False)
+        self.g_b_proj = nn.Linear(dk, D, bias=False)
+        self.o_norm = GatedRMSNorm(dk, config.rms_norm_eps)
+        self.o_proj = nn.Linear(D, d, bias=False)
+
+    def forward(self, x, cos=None, sin=None, cache: LatentCache | None = None, start_pos: int = 0,
+                attn_impl: str = "naive", kda_impl: str | None = None):
+        """x [B, T, d] -> [B, T, d]; the same call as MLA.forward (cos, sin and attn_impl unused: no rope, one way
+        to attend). With a cache, a call at start_pos 0 starts from zero state; later calls continue the cached
+        one (the state cannot be rewound: continue where the last call ended); a [B] start_pos decides per row.
+        kda_impl: "recurrent", "chunked",
+        or None: recurrent for no-grad calls of up to KDA_RECURRENT_MAX_T tokens, chunked otherwise."""
+        B, T, _ = x.shape
+        H, dk, K = self.n_heads, self.head_dim, self.kernel
+        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1).transpose(1, 2)  # [B, 3D, T]
+        # per-row positions (a [B] start_pos, batched decoding): rows at 0 start from zero state, the others resume
+        fresh = (start_pos == 0) if torch.is_tensor(start_pos) else None
+        resume = cache is not None and (fresh is not None or start_pos > 0)
+        past = cache.conv[self.cache_idx, :B].to(mixed.dtype) if resume else mixed.new_zeros(B, mixed.shape[1], K - 1)
+        if resume and fresh is not None:
+            past = past.masked_fill(fresh.view(B, 1, 1), 0)
+        mixed = torch.cat([past, mixed], dim=-1)  # [B, 3D, K - 1 + T]: causal, the past (or zeros) on the left
+        if cache is not None:
+            cache.conv[self.cache_idx, :B] = mixed[:, :, mixed.shape[-1] - (K - 1):]
+        mixed = F.silu(F.conv1d(mixed, self.conv1d.weight, groups=mixed.shape[1]))  # [B, 3D, T]
+        q, k, v = mixed.transpose(1, 2).reshape(B, T, 3, H, dk).unbind(2)
+        q, k = l2_normalize(q.float()), l2_normalize(k.float())
+        g = self.forget_gate(x)
+        beta = torch.sigmoid(self.b_proj(x))  # [B, T, H]
+        state = cache.state[self.cache_idx, :B] if resume else None
+        if resume and fresh is not None:
+            state = state.masked_fill(fresh.view(B, 1, 1, 1), 0)
+        if kda_impl is None:
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in (self.q_proj.weight, self.b_proj.weight))
+            kda_impl = "recurrent" if not grad and T <= KDA_RECURRENT_MAX_T else "chunked"
+        if kda_impl == "recurrent":
+            o, state = kda_recurrent(q, k, v, g, beta, state)
+        elif kda_impl == "chunked":
+            o, state = kda_chunked(q, k, v, g, beta, state)
+        else:
+            raise ValueError(f"kda_impl must be 'recurrent', 'chunked' or None, got {kda_impl!r}")
+        if cache is not None:
+            cache.state[self.cache_idx, :B] = state
+        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, dk)
+        o = self.o_norm(o.to(x.dtype), gate).reshape(B, T, H * dk)
+        return self.o_proj(o)
 
 
 class MLP(nn.Module):
@@ -401,12 +643,16 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    """h = x + MLA(RMSNorm(x)); out = h + FFN(RMSNorm(h)), FFN dense for the first layers, MoE after."""
+    """h = x + MLA(RMSNorm(x)); out = h + FFN(RMSNorm(h)), FFN dense for the first layers, MoE after. In a hybrid,
+    the layers that config.layer_types marks "linear_attention" use KimiDeltaAttention in place of MLA."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config, layer_idx)
+        if layer_idx in config.kda_layers:
+            self.self_attn = KimiDeltaAttention(config, layer_idx)
+        else:
+            self.self_attn = MLA(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if layer_idx < config.first_k_dense_replace:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
@@ -439,15 +685,25 @@ class SmolLM2DeepSeek(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config.qk_rope_head_dim, config.max_position_embeddings, config.rope_theta)
+        cos, sin = rope_tables(config.qk_rope_head_dim, self._rope_positions(config), config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.loss_fn = ChunkedCrossEntropy(chunk_size=1024)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
+    @staticmethod
+    def _rope_positions(config: ModelConfig) -> int:
+        """Rows of the rope tables: none for a hybrid (NoPE MLA; its context may be transformers' 1M default)."""
+        return 0 if config.is_hybrid else config.max_position_embeddings
+
     def _init_weights(self, module):
         std = self.config.initializer_range
+        if isinstance(module, ForgetGate):  # as FLA and transformers: rates in [1, 16], dt in [1e-3, 1e-1]
+            with torch.no_grad():
+                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(1.0, 16.0).log())
+                dt = torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, Experts):
@@ -475,7 +731,10 @@ class SmolLM2DeepSeek(nn.Module):
         if torch.is_tensor(start_pos):
             start_pos = start_pos.to(self.rope_cos.device)
             positions = start_pos[:, None] + torch.arange(T, device=start_pos.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, dr/2]
+            if self.config.is_hybrid:  # NoPE: no tables to index (the MLA layers ignore cos and sin)
+                cos, sin = self.rope_cos, self.rope_sin
+            else:
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [B, T, dr/2]
         else:
             cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.model.embed_tokens(input_ids)
@@ -548,11 +807,17 @@ class SmolLM2DeepSeek(nn.Module):
 
     # -- Hugging Face format -------------------------------------------------------------------------------------
     def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """State dict with transformers' on-disk keys: experts split into experts.{j}.{gate,up,down}_proj."""
+        """State dict with transformers' on-disk keys: experts split into experts.{j}.{gate,up,down}_proj
+        (deepseek_v3); a hybrid's in Moonshot's kimi_linear names (what KimiLinearForCausalLM.save_pretrained
+        writes: block_sparse_moe, experts.{j}.w1/w3/w2, q/k/v_conv1d, the forget gate's weights on self_attn),
+        lm_head.weight always written."""
         out = {}
+        hybrid = self.config.is_hybrid
         for key, tensor in self.state_dict().items():
             if key == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
+                if not hybrid:
+                    continue
+                tensor = tensor.clone()  # KimiLinear never ties: write the head as its own tensor
             keep_fp32 = key.endswith("e_score_correction_bias")
             t = tensor.detach().to(torch.float32 if keep_fp32 or dtype is None else dtype)
             if key.endswith("experts.gate_up_proj"):
@@ -567,10 +832,11 @@ class SmolLM2DeepSeek(nn.Module):
                     out[f"{prefix}{j}.down_proj.weight"] = w.contiguous()
             else:
                 out[key] = t.contiguous()
-        return out
+        return kimi_disk_names(out) if hybrid else out
 
     def save_pretrained(self, directory: str, dtype: torch.dtype | None = None) -> None:
-        """Write config.json, generation_config.json and model.safetensors in transformers' deepseek_v3 format."""
+        """Write config.json, generation_config.json and model.safetensors in transformers' deepseek_v3 format (a
+        hybrid: kimi_linear)."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
@@ -593,7 +859,8 @@ class SmolLM2DeepSeek(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "SmolLM2DeepSeek":
-        """Load a checkpoint written by save_pretrained or by transformers' DeepseekV3ForCausalLM."""
+        """Load a checkpoint written by save_pretrained or by transformers' DeepseekV3ForCausalLM or
+        KimiLinearForCausalLM (Moonshot's on-disk names or transformers' in-memory ones)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -628,7 +895,7 @@ class SmolLM2DeepSeek(nn.Module):
             model = cls(config)
         mtp_layers = int(hf.get("num_nextn_predict_layers") or 0)
         model.load_hf_state_dict(state, source=directory, extra_layers=mtp_layers)
-        model.rope_cos, model.rope_sin = rope_tables(config.qk_rope_head_dim, config.max_position_embeddings,
+        model.rope_cos, model.rope_sin = rope_tables(config.qk_rope_head_dim, cls._rope_positions(config),
                                                      config.rope_theta)
         for moe in model.moe_layers:
             moe.gate.load = torch.zeros(config.n_routed_experts)
@@ -643,7 +910,7 @@ class SmolLM2DeepSeek(nn.Module):
         DeepSeek checkpoints may carry multi-token-prediction layers after the last one (config.json's
         num_nextn_predict_layers); their weights are skipped. Any other weight without a place is an error."""
         cfg = self.config
-        state = dict(state)
+        state = kimi_our_names(state, cfg) if cfg.is_hybrid else dict(state)
         for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
             prefix = f"model.layers.{i}.mlp.experts."
             if prefix + "gate_up_proj" in state:
@@ -677,6 +944,61 @@ class SmolLM2DeepSeek(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
+_SPLIT_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_MOONSHOT_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.w([123])\.weight$")
+_FORGET_GATE = ("f_a_proj.weight", "f_b_proj.weight", "dt_bias", "A_log")
+_EXPERT_W = {"gate": "w1", "down": "w2", "up": "w3"}
+_EXPERT_PROJ = {w: proj for proj, w in _EXPERT_W.items()}
+
+
+def kimi_disk_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our hybrid's HF-style keys (experts already split per expert) -> the names KimiLinear checkpoints use on
+    disk (transformers converts them to its in-memory layout at load)."""
+    out = {}
+    for key, t in state.items():
+        m = _SPLIT_EXPERT_KEY.match(key)
+        if m:
+            out[f"{m[1]}block_sparse_moe.experts.{m[2]}.{_EXPERT_W[m[3]]}.weight"] = t
+            continue
+        if key.endswith(".self_attn.conv1d.weight"):
+            prefix = key[: -len("conv1d.weight")]
+            for name, part in zip("qkv", t.chunk(3, dim=0)):
+                out[f"{prefix}{name}_conv1d.weight"] = part.contiguous()
+            continue
+        key = key.replace(".self_attn.forget_gate.", ".self_attn.").replace(".mlp.", ".block_sparse_moe.")
+        out[key] = t
+    return out
+
+
+def kimi_our_names(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A kimi_linear state dict in Moonshot's on-disk names (or already in transformers' in-memory ones: those pass
+    through) -> ours, with experts left per expert (gate_proj / up_proj / down_proj) or fused, as given."""
+    out, convs = {}, {}
+    for key, t in state.items():
+        m = _MOONSHOT_EXPERT_KEY.match(key)
+        if m:
+            key = f"{m[1]}mlp.experts.{m[2]}.{_EXPERT_PROJ['w' + m[3]]}_proj.weight"
+        key = key.replace(".block_sparse_moe.", ".mlp.")
+        for name in _FORGET_GATE:
+            if key.endswith(".self_attn." + name):
+                key = key[: -len(name)] + "forget_gate." + name
+        for name in "qkv":
+            if key.endswith(f".self_attn.{name}_conv1d.weight"):
+                convs.setdefault(key[: -len(f"{name}_conv1d.weight")], {})[name] = t
+                break
+        else:
+            out[key] = t
+    for prefix, parts in convs.items():
+        if set(parts) != set("qkv"):
+            raise ValueError(f"{prefix}: q_conv1d, k_conv1d and v_conv1d must all be present, got {sorted(parts)}")
+        out[prefix + "conv1d.weight"] = torch.cat([parts[n] for n in "qkv"], dim=0)
+    H = config.linear_num_heads
+    for key, t in out.items():  # one decay rate per head, whatever shape a file gives it
+        if key.endswith("forget_gate.A_log") and t.numel() == H:
+            out[key] = t.reshape(1, 1, H, 1)
+    return out
+
+
 def max_violation(loads: torch.Tensor) -> torch.Tensor:
     """MaxVio per layer (Wang et al. 2024): (max_i c_i - mean c) / mean c for loads [layers, E]."""
     mean = loads.float().mean(-1)
@@ -697,6 +1019,11 @@ def main():
           f"{config.n_shared_experts} shared)")
     print(f"KV cache: {values} values per token per layer ({values * 4} bytes fp32, {values * 2} bytes bf16); "
           f"SmolLM2 GQA caches {gqa}: ratio {values / gqa:.3f}")
+    if config.is_hybrid:
+        mla, kda = len(config.mla_layers), len(config.kda_layers)
+        print(f"hybrid: {kda} KDA layers, {mla} MLA layers (NoPE) at {config.mla_layers}; the cache grows by "
+              f"{mla * values} values per token ({mla}/{config.num_hidden_layers} of all-MLA's) plus "
+              f"{kda} x {config.kda_state_values} fixed KDA state values per sequence")
 
 
 if __name__ == "__main__":

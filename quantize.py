@@ -164,6 +164,10 @@ def copy_side_files(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
+class HybridNotSupported(ValueError):
+    """quantize.py pack was given a hybrid (issue 22) checkpoint."""
+
+
 def pack(src: str, dst: str, group_size: int = 32, int4_embeddings: bool = False) -> str:
     """A model directory -> the same directory with its weights in model.quantized.safetensors."""
     from safetensors.torch import save_file
@@ -171,6 +175,10 @@ def pack(src: str, dst: str, group_size: int = 32, int4_embeddings: bool = False
     from model import SmolLM2DeepSeek
 
     model = SmolLM2DeepSeek.from_pretrained(src)
+    if model.config.is_hybrid:
+        raise HybridNotSupported(f"{src}: a KDA + MLA hybrid (kimi_linear) cannot be packed: the storage schemes "
+                                 "were chosen and measured for deepseek_v3's keys (its routers and experts are "
+                                 "named otherwise in kimi_linear); keep its model.safetensors")
     tensors, schemes = quantize_state(model.hf_state_dict(), group_size, int4_embeddings)
     copy_side_files(src, dst)
     for stale in ("model.safetensors", "model.safetensors.index.json"):

@@ -241,11 +241,12 @@ def compile_blocks(model: SmolLM2DeepSeek) -> None:
 
 
 def build_optimizer(model: SmolLM2DeepSeek, cfg: TrainConfig, device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (attention, experts, router) but not on norms or the embedding."""
+    """AdamW with weight decay on matrices (attention, experts, router) but not on norms, the embedding or a KDA
+    layer's decay rates (A_log [1, 1, H, 1] is a matrix only in shape; decaying it would pull every rate to 1)."""
     embedding = model.model.embed_tokens.weight
     decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and p is not embedding else no_decay).append(p)
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and p is not embedding and not name.endswith(".A_log") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one pass over each tensor instead of ~10 foreach passes (5x faster on CPU: 15 vs 75 ms per step for
     # the 9.4M-entry embedding of config_cpu.yaml)

@@ -67,3 +67,18 @@ def test_app_load_benchmark_compares_per_stream_and_batched_serving(tmp_path):
     assert set(data["median_over_rounds"]) == {"per-stream", "batched <= 2"}
     assert "tok_s_4_users_over_1" not in data["goals"]["batched <= 2"]  # 4 users were not run
     assert data["start"]["busiest"] and data["end"]["loadavg"]
+
+
+def test_long_decode_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "long_decode.json"
+    run_bench("bench_long_decode.py", "--tiny", "--no-transformers", "--contexts", "8", "40", "--steps", "2",
+              "--out", str(out))
+    data = json.loads(out.read_text())
+    rows = data["models"]
+    assert set(rows) == {"ours all-MLA", "ours hybrid"}
+    for row in rows.values():
+        assert all(r["step_ms"] > 0 and r["cache_bytes"] > 0 for r in row.values())
+    # the all-MLA cache grows with the context; the hybrid's grows 4x slower (one MLA layer of four)
+    mla, hyb = rows["ours all-MLA"], rows["ours hybrid"]
+    assert mla["40"]["cache_bytes"] == 5 * mla["8"]["cache_bytes"]
+    assert (hyb["40"]["cache_bytes"] - hyb["8"]["cache_bytes"]) * 4 == mla["40"]["cache_bytes"] - mla["8"]["cache_bytes"]

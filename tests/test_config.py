@@ -45,6 +45,25 @@ def test_shipped_configs_load_and_full_model_is_135m_active():
     assert small.n_routed_experts > 1 and small.num_moe_layers > 0
 
 
+def test_hybrid_config_is_the_design_card_with_kda_layers():
+    full = ModelConfig.from_yaml(os.path.join(ROOT, "config_smollm2_135.yaml"))
+    hybrid = ModelConfig.from_yaml(os.path.join(ROOT, "config_hybrid.yaml"))
+    assert hybrid.is_hybrid and hybrid.mla_layers == [3, 7, 11, 15, 19, 23, 27, 29]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "n_routed_experts",
+                "moe_intermediate_size", "vocab_size"):
+        assert getattr(hybrid, key) == getattr(full, key), key
+    assert hybrid.linear_num_heads * hybrid.linear_head_dim == hybrid.hidden_size
+    # the cache at 8192 tokens: latents of 8 layers of 30 plus the fixed KDA states, <= 0.3x all-MLA's
+    tokens = 8192
+    ours = len(hybrid.mla_layers) * tokens * 144 + len(hybrid.kda_layers) * hybrid.kda_state_values
+    assert ours <= 0.3 * full.num_hidden_layers * tokens * 144
+    # the CPU twin (for a trained comparison): config_cpu.yaml but for the KDA layers
+    cpu, twin = (ModelConfig.from_yaml(os.path.join(ROOT, name)) for name in ("config_cpu.yaml",
+                                                                              "config_cpu_hybrid.yaml"))
+    differ = {k for k, v in vars(cpu).items() if getattr(twin, k) != v}
+    assert differ == {"layer_types", "linear_num_heads", "linear_head_dim"} and twin.mla_layers == [3]
+
+
 @pytest.mark.parametrize("hf, message", [
     ([1, 2, 3], "mapping"),
     ({"model_type": "llama"}, "model_type"),

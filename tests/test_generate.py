@@ -152,12 +152,16 @@ def assert_same_run(got, want, name):
             assert w1 == pytest.approx(w2, abs=1e-5), name
 
 
-@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
-def test_batched_streams_give_their_solo_tokens_and_routing_as_they_join_and_leave(attn_impl):
+HYBRID = dict(layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_heads=3,
+              linear_head_dim=8)  # issue 22: KDA layers whose states must follow their rows too
+
+
+@pytest.mark.parametrize("attn_impl, overrides", [("absorb", {}), ("naive", {}), ("absorb", HYBRID)])
+def test_batched_streams_give_their_solo_tokens_and_routing_as_they_join_and_leave(attn_impl, overrides):
     """Continuous batching: six streams (greedy and seeded-sampled, prompts of 2..11 tokens) join a 3-row batch at
     different steps, a waiting one taking the row another gives back; they leave by budget, at a stop id and by
-    cancellation. Each stream's tokens and routing equal its solo run's."""
-    model = spread_model()
+    cancellation. Each stream's tokens and routing equal its solo run's (also for a KDA + MLA hybrid)."""
+    model = spread_model(**overrides)
     prompts = [[5, 17, 33, 2], [9, 1], list(range(3, 14)), [40, 41, 42, 43, 44, 45, 46], [7, 7, 7], [60, 2, 8, 90, 3]]
     specs = [  # (join at step, prompt, max new, temperature, top_k, seed)
         (0, prompts[0], 9, 0.0, 0, None),
