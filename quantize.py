@@ -17,7 +17,10 @@ Formats, per tensor, in transformers' deepseek_v3 key space (the keys `SmolLM2De
   the factor (of a few) that gives the smallest squared error.
   int8 per row (symmetric): KEY.q8 int8 [..., in], KEY.scale fp16 [..., 1]; w = code * scale.
   bf16: KEY.bf16.
-The file's metadata says which scheme each key uses ("quantization": JSON {key: "int4-g32" | "int8-row" | "bf16"}).
+  same-as:OTHER: nothing stored; the tensor is bit-identical to OTHER's (before quantization), e.g. the conversion's
+  copies of an expert that no token has been routed to yet.
+The file's metadata says which scheme each key uses ("quantization": JSON {key: "int4-g32" | "int8-row" | "bf16" |
+"same-as:OTHER"}).
 `SmolLM2DeepSeek.from_pretrained` reads it (dequantized once, at load, to its dtype). transformers cannot read the
 codes: the file is named model.quantized.safetensors so that it never mistakes them for weights, and `export`
 writes the dequantized bf16 model.safetensors it loads with AutoModelForCausalLM.
@@ -25,6 +28,7 @@ writes the dequantized bf16 model.safetensors it loads with AutoModelForCausalLM
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +37,7 @@ import torch
 
 QUANTIZED_FILE = "model.quantized.safetensors"
 CLIP_FACTORS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
+SAME_AS = "same-as:"
 SCHEME_PARTS = {"int4": ("q4", "scale", "scale_step", "min", "min_step"), "int8-row": ("q8", "scale"),
                 "bf16": ("bf16",)}
 
@@ -108,8 +113,15 @@ def dequantize_int8(parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch
 def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32,
                    int4_embeddings: bool = False) -> tuple[dict, dict]:
     """transformers-format state -> (tensors to save, {key: scheme})."""
-    tensors, schemes = {}, {}
+    tensors, schemes, seen = {}, {}, {}
     for key, w in state.items():
+        # a tensor bit-identical to one already stored (the conversion's copies of an expert that no token has
+        # reached yet) is stored once: the later key names the earlier ("same-as:KEY")
+        digest = (w.dtype, tuple(w.shape), hashlib.sha256(w.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()).digest())
+        if digest in seen:
+            schemes[key] = SAME_AS + seen[digest]
+            continue
+        seen[digest] = key
         scheme = scheme_for(key, w, group_size, int4_embeddings)
         if scheme is None:
             tensors[key] = w.contiguous()
@@ -127,7 +139,10 @@ def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32,
 def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str],
                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     state = {key: t for key, t in tensors.items() if key.rsplit(".", 1)[0] not in schemes}
+    aliases = {key: scheme[len(SAME_AS):] for key, scheme in schemes.items() if scheme.startswith(SAME_AS)}
     for key, scheme in schemes.items():
+        if key in aliases:
+            continue
         if scheme not in SCHEME_PARTS and not scheme.startswith("int4-g"):
             raise ValueError(f"unknown quantization scheme {scheme!r} for {key}")
         names = SCHEME_PARTS["int4" if scheme.startswith("int4-g") else scheme]
@@ -139,6 +154,10 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str],
             state[key] = parts["bf16"].to(dtype)
         else:
             state[key] = dequantize_int4(parts, dtype) if scheme.startswith("int4") else dequantize_int8(parts, dtype)
+    for key, original in aliases.items():
+        if original not in state:
+            raise ValueError(f"quantized weights: {key} is stored as {original}, which the file lacks")
+        state[key] = state[original].clone()
     return state
 
 

@@ -86,3 +86,25 @@ def test_which_storage_each_part_gets():
     assert quantize.scheme_for("model.norm.weight", torch.zeros(32), 16) is None
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         quantize.dequantize_state({"x.q3": torch.zeros(1)}, {"x": "int3-g8"})
+
+
+def test_identical_tensors_are_stored_once_and_read_back_as_their_original():
+    torch.manual_seed(0)
+    expert = torch.randn(8, 32)
+    state = {"model.layers.1.mlp.experts.0.up_proj.weight": torch.randn(8, 32),
+             "model.layers.1.mlp.experts.1.up_proj.weight": expert,
+             "model.layers.1.mlp.experts.2.up_proj.weight": expert.clone(),  # a copy no token reached
+             "model.layers.1.mlp.experts.3.up_proj.weight": expert + 1e-6,  # close is not identical
+             "model.norm.weight": torch.ones(32), "model.layers.0.input_layernorm.weight": torch.ones(32)}
+    tensors, schemes = quantize.quantize_state(state, group_size=16)
+    assert schemes["model.layers.1.mlp.experts.2.up_proj.weight"] == "same-as:model.layers.1.mlp.experts.1.up_proj.weight"
+    assert schemes["model.layers.0.input_layernorm.weight"] == "same-as:model.norm.weight"
+    assert schemes["model.layers.1.mlp.experts.3.up_proj.weight"] == "int4-g16"
+    assert not any(k.startswith("model.layers.1.mlp.experts.2.") for k in tensors)  # nothing stored for the copy
+    back = quantize.dequantize_state(tensors, schemes)
+    assert torch.equal(back["model.layers.1.mlp.experts.2.up_proj.weight"],
+                       back["model.layers.1.mlp.experts.1.up_proj.weight"])
+    assert torch.equal(back["model.layers.0.input_layernorm.weight"], torch.ones(32))
+    del tensors["model.norm.weight"]
+    with pytest.raises(ValueError, match="stored as model.norm.weight"):
+        quantize.dequantize_state(tensors, schemes)
