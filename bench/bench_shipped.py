@@ -40,7 +40,7 @@ def one_stream(decoder, prompt: list[int], new: int) -> tuple[float, float, list
     start = time.perf_counter()
     tokens, first = [], None
     for t in decoder.stream(prompt, max_new_tokens=new, eos_token_id=None):
-        tokens.append(t.token)
+        tokens.append(t.token_id)
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()

@@ -82,3 +82,19 @@ def test_long_decode_benchmark_smoke_run(tmp_path):
     mla, hyb = rows["ours all-MLA"], rows["ours hybrid"]
     assert mla["40"]["cache_bytes"] == 5 * mla["8"]["cache_bytes"]
     assert (hyb["40"]["cache_bytes"] - hyb["8"]["cache_bytes"]) * 4 == mla["40"]["cache_bytes"] - mla["8"]["cache_bytes"]
+
+
+def test_shipped_benchmark_measures_load_memory_and_one_stream(tmp_path):
+    """bench_shipped.py through the app's loading path on a tiny checkpoint: the fields the README quotes."""
+    from conftest import HAVE_TOKENIZER, make_tiny_checkpoint
+
+    if not HAVE_TOKENIZER:
+        import pytest
+        pytest.skip("needs the SmolLM2 tokenizer")
+    out = tmp_path / "shipped.json"
+    run_bench("bench_shipped.py", "--model", make_tiny_checkpoint(tmp_path), "--prompt", "16", "--new", "6",
+              "--rounds", "2", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["prompt_tokens"] == 16 and data["new_tokens"] == 6 and data["load_s"] > 0
+    assert data["eager"]["tokens_per_s_best"] >= data["eager"]["tokens_per_s_median"] > 0
+    assert data["rss_peak_gib"] >= data["rss_after_load_gib"] > 0 and len(data["loadavg_before_after"]) == 2
