@@ -110,6 +110,17 @@ def dequantize_int8(parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch
     return (parts["q8"].float() * parts["scale"].float()).to(dtype)
 
 
+def kind_of(scheme: str) -> str:
+    """A scheme's storage kind: "int4-g32" -> "int4"; "int8-row" and "bf16" are their own."""
+    return "int4" if scheme.startswith("int4-g") else scheme
+
+
+QUANTIZERS = {"int4": quantize_int4, "int8-row": lambda w, group_size: quantize_int8(w),
+              "bf16": lambda w, group_size: {"bf16": w.to(torch.bfloat16)}}
+DEQUANTIZERS = {"int4": dequantize_int4, "int8-row": dequantize_int8,
+                "bf16": lambda parts, dtype: parts["bf16"].to(dtype)}
+
+
 def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32,
                    int4_embeddings: bool = False) -> tuple[dict, dict]:
     """transformers-format state -> (tensors to save, {key: scheme})."""
@@ -117,7 +128,8 @@ def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32,
     for key, w in state.items():
         # a tensor bit-identical to one already stored (the conversion's copies of an expert that no token has
         # reached yet) is stored once: the later key names the earlier ("same-as:KEY")
-        digest = (w.dtype, tuple(w.shape), hashlib.sha256(w.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()).digest())
+        raw = w.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        digest = (w.dtype, tuple(w.shape), hashlib.sha256(raw).digest())
         if digest in seen:
             schemes[key] = SAME_AS + seen[digest]
             continue
@@ -126,10 +138,7 @@ def quantize_state(state: dict[str, torch.Tensor], group_size: int = 32,
         if scheme is None:
             tensors[key] = w.contiguous()
             continue
-        if scheme == "bf16":
-            parts = {"bf16": w.to(torch.bfloat16)}
-        else:
-            parts = quantize_int4(w, group_size) if scheme.startswith("int4") else quantize_int8(w)
+        parts = QUANTIZERS[kind_of(scheme)](w, group_size)
         for name, part in parts.items():
             tensors[f"{key}.{name}"] = part.contiguous()
         schemes[key] = scheme
@@ -143,17 +152,14 @@ def dequantize_state(tensors: dict[str, torch.Tensor], schemes: dict[str, str],
     for key, scheme in schemes.items():
         if key in aliases:
             continue
-        if scheme not in SCHEME_PARTS and not scheme.startswith("int4-g"):
+        kind = kind_of(scheme)
+        if kind not in SCHEME_PARTS:
             raise ValueError(f"unknown quantization scheme {scheme!r} for {key}")
-        names = SCHEME_PARTS["int4" if scheme.startswith("int4-g") else scheme]
+        names = SCHEME_PARTS[kind]
         missing = [f"{key}.{n}" for n in names if f"{key}.{n}" not in tensors]
         if missing:
             raise ValueError(f"quantized weights lack {', '.join(missing)}")
-        parts = {n: tensors[f"{key}.{n}"] for n in names}
-        if scheme == "bf16":
-            state[key] = parts["bf16"].to(dtype)
-        else:
-            state[key] = dequantize_int4(parts, dtype) if scheme.startswith("int4") else dequantize_int8(parts, dtype)
+        state[key] = DEQUANTIZERS[kind]({n: tensors[f"{key}.{n}"] for n in names}, dtype)
     for key, original in aliases.items():
         if original not in state:
             raise ValueError(f"quantized weights: {key} is stored as {original}, which the file lacks")
