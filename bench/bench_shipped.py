@@ -35,6 +35,15 @@ def rss_gib() -> tuple[float, float]:
     return values.get("VmRSS:", float("nan")), values.get("VmHWM:", float("nan"))
 
 
+def cpu_model() -> str:
+    """The CPU's name (/proc/cpuinfo), so a result says which machine made it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
 def one_stream(decoder, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
     """(first-token seconds, decode tokens/s after it, the tokens) of one greedy stream."""
     start = time.perf_counter()
@@ -71,6 +80,7 @@ def main(argv=None):
     prompt = engine.tokenizer(TEXT * (1 + args.prompt // 40))["input_ids"][:args.prompt]
     result = {"command": "python3 " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
               "model": os.path.relpath(os.path.abspath(args.model), ROOT), "dtype": engine.dtype_name,
+              "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
               "threads": torch.get_num_threads(), "load_s": round(load_s, 2),
               "rss_after_load_gib": round(rss_after_load, 3), "prompt_tokens": len(prompt), "new_tokens": args.new}
     decoders = {"eager": Decoder(engine.model)}

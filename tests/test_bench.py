@@ -98,3 +98,4 @@ def test_shipped_benchmark_measures_load_memory_and_one_stream(tmp_path):
     assert data["prompt_tokens"] == 16 and data["new_tokens"] == 6 and data["load_s"] > 0
     assert data["eager"]["tokens_per_s_best"] >= data["eager"]["tokens_per_s_median"] > 0
     assert data["rss_peak_gib"] >= data["rss_after_load_gib"] > 0 and len(data["loadavg_before_after"]) == 2
+    assert data["torch"] and data["cpu"] and data["cpu_count"] >= 1
