@@ -35,6 +35,9 @@ def small_png(path: str) -> int:
 
 
 def open_tab(page, name):
+    """Click a tab; on a phone Gradio moves the tabs that do not fit into its "More tabs" menu (tests/test_browser.py
+    uses this too)."""
+    page.locator("#tabs [role=tab]").first.wait_for()
     tab = page.locator("#tabs [role=tab]", has_text=name)
     if tab.count() and tab.first.is_visible():
         tab.first.click()

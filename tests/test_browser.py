@@ -7,6 +7,7 @@ Saves screenshots to artifacts/ (artifacts/screens/<tab>-<size>.png). Without ch
 ../shared/tokenizer every test here is skipped, and conftest.py ends the run with "BROWSER TESTS DID NOT RUN" and
 the reason; no network.
 """
+import importlib.util
 import os
 import shutil
 import time
@@ -15,6 +16,11 @@ import pytest
 
 from conftest import ROOT, free_port, make_tiny_checkpoint
 from test_app import app, serve  # (skips without the tokenizer)
+
+_spec = importlib.util.spec_from_file_location("screenshots", os.path.join(ROOT, "docs", "screenshots.py"))
+screenshots = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(screenshots)
+open_tab = screenshots.open_tab  # the README's screenshots and these tests open tabs the same way
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -144,18 +150,6 @@ def page(page_url, browser):
 
 def wait_status(page, selector, text):
     page.wait_for_function(f"() => (document.querySelector('{selector}') || {{}}).innerText?.includes('{text}')")
-
-
-def open_tab(page, name):
-    """Click a tab; on a phone Gradio moves the tabs that do not fit into its "More tabs" menu."""
-    page.locator("#tabs [role=tab]").first.wait_for()
-    tab = page.locator("#tabs [role=tab]", has_text=name)
-    if tab.count() and tab.first.is_visible():
-        tab.first.click()
-    else:
-        page.locator('#tabs button[aria-label="More tabs"]').click()
-        page.locator("#tabs .overflow-dropdown button", has_text=name).click()
-    page.locator(f"#tab-{name.lower()}").wait_for(state="visible")  # its panel is shown
 
 
 def set_max_tokens(page, n: int):
