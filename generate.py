@@ -116,6 +116,39 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, generator
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def compile_step(model: SmolLM2DeepSeek, attn_impl: str = "absorb"):
+    """One-token decode steps through torch.compile: step(ids [B, 1], cache, pos int) -> (hidden [B, 1, d], routing:
+    per MoE layer (experts [B, 1, K], weights [B, 1, K])). Inductor with dynamic shapes: one graph for every position
+    and cache length. Eagerly a step is ~1500 small ATen calls (norms, rope, the absorbed attention, routing) whose
+    per-call overhead outweighs their arithmetic at this size; inductor fuses them into a few loops around the GEMVs
+    (bench/bench_decode.py measures both). The MoE layers gather their K experts' weights by tensor index ("gather":
+    one row at a time), since a .tolist() would break the graph. The first call compiles (tens of seconds on 2
+    cores); the routing comes back as outputs, so recording it costs the compiled step nothing."""
+    if model.lm_head.weight.device.type == "cpu" and not has_cxx_compiler():
+        raise RuntimeError("compiled decoding needs a C++ compiler (g++, c++ or clang++ on PATH) for "
+                           "torch.compile's CPU backend; without one, decode eagerly (compile=False)")
+    hidden_states = model.hidden_states
+
+    def step(ids, cache, pos):
+        layers = []
+        h = hidden_states(ids, cache, pos, layers, attn_impl=attn_impl, expert_impl="gather")
+        return h, layers
+
+    compiled = torch.compile(step, dynamic=True)
+
+    def run(ids, cache, pos):
+        # the cache's length is an attribute's size, which dynamic=True alone would specialise on (a recompile for
+        # every new cache length); the row view of a many-row cache still gets its own graph (its strides differ)
+        torch._dynamo.mark_dynamic(cache.kv, 2)
+        return compiled(ids, cache, pos)
+
+    return run
+
+
+def has_cxx_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 class Decoder:
     """Streams tokens from a model. Holds what speeds decoding up for this model (the compiled step), so the model
     itself keeps no decoding state."""
@@ -124,27 +157,7 @@ class Decoder:
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.model, self.attn_impl = model, attn_impl
-        self.compiled_step = None
-        if compile:
-            self.compiled_step = self._compile()
-
-    def _compile(self):
-        """Each one-token step through torch.compile (inductor, dynamic shapes: one graph for every position and
-        cache length). Eagerly a step is ~1500 small ATen calls (norms, rope, the absorbed attention, routing) whose
-        per-call overhead outweighs their arithmetic at this size; inductor fuses them into a few loops around the
-        GEMVs (bench/bench_decode.py measures both). The MoE layer gathers its K experts' weights by tensor index
-        ("gather"), since a .tolist() would break the graph. The first step compiles (tens of seconds on 2 cores)."""
-        if self.model.lm_head.weight.device.type == "cpu" and not any(
-                shutil.which(c) for c in ("g++", "c++", "clang++")):
-            raise RuntimeError("compiled decoding needs a C++ compiler (g++, c++ or clang++ on PATH) for "
-                               "torch.compile's CPU backend; without one, decode eagerly (compile=False)")
-        hidden_states = self.model.hidden_states
-        attn_impl = self.attn_impl
-
-        def step(ids, cache, pos):
-            return hidden_states(ids, cache, pos, attn_impl=attn_impl, expert_impl="gather")
-
-        return torch.compile(step, dynamic=True)
+        self.compiled_step = compile_step(model, attn_impl) if compile else None
 
     @torch.inference_mode()
     def stream(self, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -153,7 +166,7 @@ class Decoder:
         """Stream up to max_new_tokens tokens after prompt_ids (a list of ints, a [T] or [1, T] tensor).
 
         temperature 0 = greedy; top_k 0 (or >= vocab) = no top-k filter; stops after eos (not yielded; -1 = the
-        config's eos, None = never, a tuple = any of these ids, e.g. a chat model's end of turn). Steps that capture routing run eagerly (the compiled step does not record it).
+        config's eos, None = never, a tuple = any of these ids, e.g. a chat model's end of turn).
         """
         model, cfg = self.model, self.model.config
         ids, max_new_tokens, temperature, top_k, stops = check_stream(cfg, prompt_ids, max_new_tokens, temperature,
@@ -171,8 +184,8 @@ class Decoder:
             for _ in range(max_new_tokens):
                 layers = [] if return_routing else None
                 prefill = pos == 0
-                if self.compiled_step is not None and not prefill and not return_routing:
-                    h = self.compiled_step(step_ids, cache, pos)
+                if self.compiled_step is not None and not prefill:
+                    h, layers = self.compiled_step(step_ids, cache, pos)
                 else:
                     h = model.hidden_states(step_ids, cache, pos, layers,
                                             attn_impl="naive" if prefill else self.attn_impl,
@@ -217,12 +230,16 @@ class BatchDecoder:
             for stream, token in batch.step(): ...   # token None: the stream stopped at a stop id
     """
 
-    def __init__(self, model: SmolLM2DeepSeek, max_batch: int = 16, attn_impl: str = "absorb"):
+    def __init__(self, model: SmolLM2DeepSeek, max_batch: int = 16, attn_impl: str = "absorb", compiled_step=None):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         if model.training:
             raise ValueError("BatchDecoder decodes a model in eval mode (call model.eval())")
         self.model, self.max_batch, self.attn_impl = model, max_batch, attn_impl
+        # compile_step(model)'s step, if given: a step with one stream (the common case on a quiet Space) runs
+        # through it; several streams run eagerly (the compiled step gathers one row's experts)
+        self.compiled_step = compiled_step
+        self.compiled_steps = 0  # steps that ran through it (tests, the bench)
         self.streams: list[BatchStream] = []  # row i of the cache is streams[i]
         self.cache: LatentCache | None = None
         # a [d, V] copy of the lm_head for this decoder's life (see HEAD_COPY_MIN_TOKENS); a serving loop drops its
@@ -292,8 +309,12 @@ class BatchDecoder:
         ids = torch.tensor([[s.token] for s in self.streams], device=device)
         pos = torch.tensor([s.length for s in self.streams], device=device)
         layers = [] if any(s.return_routing for s in self.streams) else None
-        h = self.model.hidden_states(ids, self.cache.rows(0, B), pos, layers, attn_impl=self.attn_impl,
-                                     expert_impl="sorted")
+        if B == 1 and self.compiled_step is not None:
+            h, layers = self.compiled_step(ids, self.cache.rows(0, 1), self.streams[0].length)
+            self.compiled_steps += 1
+        else:
+            h = self.model.hidden_states(ids, self.cache.rows(0, B), pos, layers, attn_impl=self.attn_impl,
+                                         expert_impl="sorted")
         logits = (h[:, -1] @ self.head).float()  # [B, V]
         out = []
         for row, stream in enumerate(self.streams):

@@ -27,8 +27,8 @@ from collections import deque
 
 import torch
 
-from generate import BatchDecoder, generate
-from model import SmolLM2DeepSeek
+from generate import BatchDecoder, compile_step, generate, has_cxx_compiler
+from model import LatentCache, SmolLM2DeepSeek
 
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL_DIR = os.path.join(ROOT_DIR, "checkpoints", "final")
@@ -42,6 +42,10 @@ BF16_MIN_SPEEDUP = 1.2
 # Streams decoded together in one batch (Batcher), also the streams admitted at once. Not yet chosen by measurement
 # on this project's machines (bench/bench_app_load.py --batch 8 16 compares bounds): 16 until it is.
 MAX_BATCH = 16
+# Compiled one-stream steps (Engine(compile_decoding=True)): timed against eager steps after the warm-up, each side
+# this many steps (median), and used only when faster
+COMPILE_CHECK_STEPS = 8
+WARM_UP_NICE = 10  # the compile warm-up thread's priority: below visitors' decoding (measured: 50 s warm, ~4 min cold)
 
 
 def resolve_model_dir(model_dir: str | None = None) -> tuple[str, str | None]:
@@ -317,10 +321,12 @@ class Batcher:
 
     def __init__(self, model, max_batch: int = MAX_BATCH):
         self.model, self.max_batch = model, max_batch
+        self.compiled_step = None  # set by Engine's warm-up once a compiled one-stream step has proved faster
         self._lock = threading.Lock()
         self._joining: deque[_Request] = deque()
         self._thread: threading.Thread | None = None
         self.steps = 0  # batched forwards so far (tests, the bench)
+        self.compiled_steps = 0  # of which through the compiled one-stream step
         self.running = 0  # streams in the batch after the last step
 
     def stream(self, ids, settings: dict):
@@ -355,6 +361,7 @@ class Batcher:
                         return
                 for request in joins:
                     self._join(decoder, request)
+                decoder.compiled_step = self.compiled_step  # from the next step on, once the warm-up is done
                 if decoder.streams:
                     self._step(decoder)
         except BaseException as err:  # never leave a reader waiting on a dead loop
@@ -386,7 +393,9 @@ class Batcher:
 
     def _step(self, decoder: BatchDecoder) -> None:
         try:
+            before = decoder.compiled_steps
             results = decoder.step()
+            self.compiled_steps += decoder.compiled_steps - before
         except Exception as err:  # the streams of this step end with the error; waiting ones start a new batch
             for stream in list(decoder.streams):
                 decoder.leave(stream)
@@ -427,8 +436,10 @@ class Engine:
     generation with routing capture. Per-session state (Stop presses, running streams) is keyed by session id."""
 
     def __init__(self, model_dir: str, note: str | None = None, workers: int | None = None, max_waiting: int = 16,
-                 batching: bool = True, max_batch: int = MAX_BATCH):
-        """workers: streams admitted at once (default: max_batch when batching, else 2 per-stream decode loops)."""
+                 batching: bool = True, max_batch: int = MAX_BATCH, compile_decoding: bool = False):
+        """workers: streams admitted at once (default: max_batch when batching, else 2 per-stream decode loops).
+        compile_decoding: compile the one-stream decode step in a background thread after loading (see
+        `warm_up_compiled`); streams decode eagerly until it is ready, and after only if it proved faster."""
         self.model_dir = model_dir
         self.note = note
         self.model = None
@@ -444,6 +455,8 @@ class Engine:
         self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
         self.running: dict[str, str] = {}  # session -> the kind of its stream ("generate" / "chat")
         self.end_of_turn = None  # a chat model's end-of-turn token id (set below when its tokenizer has a template)
+        self.compiled = {"state": "off"}  # the compiled one-stream step: off, compiling, on, slower or failed
+        self.compiled_step = None
         try:
             with open(os.path.join(model_dir, "config.json")) as f:
                 hf = json.load(f)
@@ -472,6 +485,12 @@ class Engine:
             end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if self.tokenizer.chat_template else None
             self.end_of_turn = end if isinstance(end, int) and end != self.tokenizer.unk_token_id else None
             self.batcher = Batcher(self.model, max_batch) if batching else None
+            if compile_decoding and batching:
+                if has_cxx_compiler():
+                    self.compiled = {"state": "compiling"}
+                    threading.Thread(target=self.warm_up_compiled, name="compile-warm-up", daemon=True).start()
+                else:
+                    self.compiled = {"state": "failed", "why": "no C++ compiler (g++) for torch.compile"}
         else:
             self.moe_layers, self.max_new_limit = [], SERVE_MAX_NEW_TOKENS
         if self.dtype_probe:
@@ -486,6 +505,51 @@ class Engine:
     @property
     def dtype_name(self) -> str:
         return str(self.model.lm_head.weight.dtype).replace("torch.", "") if self.ok else "n/a"
+
+    def warm_up_compiled(self) -> None:
+        """Compile the one-stream decode step, then time it against the eager step on the same cache and hand it to
+        the Batcher only if it is faster: a measurement, since inductor's gain differs between CPUs. Two graphs are
+        compiled here, before any visitor needs them: a stream alone in a one-row cache, and one row of a cache that
+        has held several (its strides differ). Outcome in `self.compiled`; a failure leaves decoding eager."""
+        start = time.perf_counter()
+        try:
+            if threading.current_thread() is not threading.main_thread():
+                # a background warm-up yields the cores to visitors' streams (Linux: a thread's own nice value,
+                # inherited by the compiler processes it starts)
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARM_UP_NICE)
+                except (AttributeError, OSError):
+                    pass
+            model, cfg = self.model, self.model.config
+            weight = model.lm_head.weight
+            step = compile_step(model)
+            n = max(2, min(16, cfg.max_position_embeddings // 4))  # positions 0 and 1 would be specialised on
+            eager_s, compiled_s = [], []
+            with torch.inference_mode():  # as the Batcher's steps run: its inputs are inference tensors
+                ids = torch.arange(1, n + 1).view(1, -1) % cfg.vocab_size
+                token = ids[:, -1:]
+                for rows in (1, 2):
+                    cache = LatentCache(cfg, rows, 2 * n + COMPILE_CHECK_STEPS + 1, weight.device, weight.dtype)
+                    row = cache.rows(0, 1)
+                    model.hidden_states(ids, row, 0, attn_impl="naive", expert_impl="sorted")
+                    step(token, row, n)  # compiles
+                for i in range(COMPILE_CHECK_STEPS):  # the same positions on both sides, interleaved
+                    t = time.perf_counter()
+                    model.hidden_states(token, row, n + 1 + i, [], attn_impl="absorb", expert_impl="sorted")
+                    eager_s.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    step(token, row, n + 1 + i)
+                    compiled_s.append(time.perf_counter() - t)
+            eager, compiled = statistics.median(eager_s), statistics.median(compiled_s)
+            faster = compiled < eager
+            self.compiled = {"state": "on" if faster else "slower", "warm_up_s": round(time.perf_counter() - start, 1),
+                             "eager_step_ms": round(1e3 * eager, 2), "compiled_step_ms": round(1e3 * compiled, 2)}
+            self.compiled_step = step  # kept either way (tests drive it); the Batcher gets it only if faster
+            if faster and self.batcher is not None:
+                self.batcher.compiled_step = step
+        except Exception as err:  # a broken compiler or backend: decoding stays eager, the page says why
+            self.compiled = {"state": "failed", "why": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(f"[app] compiled decoding: {self.compiled}", flush=True)
 
     # -- input validation ----------------------------------------------------------------------------------------
     def check_settings(self, temperature, top_k, max_new_tokens) -> tuple[dict, list[str]]:

@@ -5,7 +5,8 @@
 
 Modes, all in one run on one loaded page: "per-stream" (each admitted stream its own decode loop, --workers at once:
 the app before batching) and "batched <= B" for each --batch bound B (every running stream stepped in one forward,
-up to B at once). In each round, for each number of users, every mode runs once, in an order that rotates between
+up to B at once); with --compile also the app's own mode, the largest bound with a stream alone on the compiled
+step (serve.Engine(compile_decoding=True)). In each round, for each number of users, every mode runs once, in an order that rotates between
 rounds, so load from other work falls on all of them alike. Each user is its own gradio_client (its own session)
 calling /generate with the same prompt and settings (greedy by default), all started together. First token = submit
 -> first streamed text; tokens/s in total = all users' tokens / the round's wall time. The load average before and
@@ -90,6 +91,8 @@ def set_mode(engine, mode, workers, max_waiting):
 
     batch = mode["batch"]
     engine.batcher = serve.Batcher(engine.model, batch) if batch else None
+    if mode.get("compiled"):
+        engine.batcher.compiled_step = engine.compiled_step
     engine.admission = serve.Admission(batch or workers, max_waiting)
 
 
@@ -134,13 +137,19 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--max-waiting", type=int, default=32)
     parser.add_argument("--prompt", default="Photosynthesis is the process by which")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the app's own mode (`python app.py`): the largest batch bound with a stream alone "
+                             "on the compiled step (compiled first, in the foreground: a minute warm, minutes cold)")
     parser.add_argument("--out", default=os.path.join(ROOT, "results", "app_load.json"))
     args = parser.parse_args(argv)
 
     import socket
 
+    import torch
+
     import app
     import serve
+    from common import cpu_model
 
     if max(args.batch) > app.QUEUE_WORKERS:
         parser.error(f"--batch above {app.QUEUE_WORKERS} (the page's concurrency limit, app.QUEUE_WORKERS) would be "
@@ -148,6 +157,12 @@ def main(argv=None):
     engine = serve.Engine(args.model_dir, max_waiting=args.max_waiting)
     if not engine.ok:
         sys.exit(f"cannot load {args.model_dir}: {engine.error}")
+    compile_info = None
+    if args.compile:
+        engine.warm_up_compiled()
+        compile_info = dict(engine.compiled)
+        if engine.compiled_step is None:
+            sys.exit(f"compiled decoding failed: {engine.compiled}")
     demo = app.build_demo(engine=engine)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,6 +170,9 @@ def main(argv=None):
     app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
     url = f"http://127.0.0.1:{port}/"
     modes = [{"name": "per-stream", "batch": None}] + [{"name": f"batched <= {b}", "batch": b} for b in args.batch]
+    if args.compile:
+        modes.append({"name": f"batched <= {max(args.batch)}, compiled alone", "batch": max(args.batch),
+                      "compiled": True})
     started = {"loadavg": os.getloadavg(), "busiest": busiest_processes()}
     rows = []
     try:
@@ -184,7 +202,8 @@ def main(argv=None):
     out = {"command": " ".join(["python3", "bench/bench_app_load.py", *(argv if argv is not None else sys.argv[1:])]),
            "model_dir": serve.display_path(args.model_dir), "tokens_per_call": args.tokens, "prompt": args.prompt,
            "temperature": args.temperature, "top_k": args.top_k, "weights_dtype": engine.dtype_name,
-           "cpu_count": os.cpu_count(), "per_stream_workers": args.workers, "modes": [m["name"] for m in modes],
+           "cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "compiled_warm_up": compile_info,
+           "per_stream_workers": args.workers, "modes": [m["name"] for m in modes],
            "start": started, "end": {"loadavg": os.getloadavg(), "busiest": busiest_processes()},
            "note": "2-core machine shared with other jobs: see each row's load average and the busiest processes",
            "median_over_rounds": table, "goals": goals, "rows": rows}

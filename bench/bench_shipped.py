@@ -35,15 +35,6 @@ def rss_gib() -> tuple[float, float]:
     return values.get("VmRSS:", float("nan")), values.get("VmHWM:", float("nan"))
 
 
-def cpu_model() -> str:
-    """The CPU's name (/proc/cpuinfo), so a result says which machine made it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
-
-
 def one_stream(decoder, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
     """(first-token seconds, decode tokens/s after it, the tokens) of one greedy stream."""
     start = time.perf_counter()
@@ -67,6 +58,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import torch
 
+    from common import cpu_model
     from generate import Decoder
     from serve import Engine
 

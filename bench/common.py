@@ -45,3 +45,17 @@ def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def cpu_model() -> str:
+    """The CPU's name and whether it has AVX-512 BF16 (/proc/cpuinfo), so a result says which machine made it: the
+    project's 2-core VMs all call themselves "AMD EPYC", and differ in exactly that (DESIGN notes, README)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return f"{name} ({'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"

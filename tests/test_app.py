@@ -30,6 +30,13 @@ LIMIT = CONTEXT // 2  # the app's max new tokens for this context
 MOE_LAYERS = list(range(TINY["first_k_dense_replace"], TINY["num_hidden_layers"]))
 
 
+@pytest.fixture(autouse=True)
+def every_token_shown(monkeypatch):
+    """These tests follow streams token by token (Stop after the 5th, the text growing): an update per token. The
+    page's own coalescing (app.UI_UPDATE_S) has its own test below."""
+    monkeypatch.setattr(app, "UI_UPDATE_S", 0.0)
+
+
 def serve(model_dir: str):
     demo = app.build_demo(model_dir)
     port = free_port()
@@ -378,12 +385,15 @@ def test_main_listens_on_loopback_unless_asked(monkeypatch):
     """`python app.py` serves 127.0.0.1 (as the README says to open); a Space (SPACE_ID set) or GRADIO_SERVER_NAME
     chooses another host."""
     seen = {}
-    monkeypatch.setattr(app, "build_demo", lambda: "demo")
+    monkeypatch.setattr(app, "build_demo", lambda compile_decoding: f"demo compile={compile_decoding}")
     monkeypatch.setattr(app, "launch", lambda demo, **kw: seen.update(kw, demo=demo))
-    for key in ["GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "SPACE_ID"]:
+    for key in ["GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "SPACE_ID", "COMPILE_DECODING"]:
         monkeypatch.delenv(key, raising=False)
+    app.main()  # compiled one-stream decoding is on unless COMPILE_DECODING=0
+    assert seen == {"demo": "demo compile=True", "server_name": "127.0.0.1", "server_port": 7860}
+    monkeypatch.setenv("COMPILE_DECODING", "0")
     app.main()
-    assert seen == {"demo": "demo", "server_name": "127.0.0.1", "server_port": 7860}
+    assert seen["demo"] == "demo compile=False"
     monkeypatch.setenv("SPACE_ID", "someone/smollm2-deepseek")
     app.main()
     assert seen["server_name"] == "0.0.0.0"
@@ -685,3 +695,21 @@ def test_without_chromium_every_browser_test_is_skipped_loudly(tmp_path):
     assert run.returncode in (0, 5), out[-2000:]  # 5: pytest's "no tests ran" (a module skipped as a whole)
     assert "BROWSER TESTS DID NOT RUN" in out and f"no chromium at {tmp_path / 'no-chromium-here'}" in out, out[-2000:]
     assert "apt-get install chromium" in out
+
+
+def test_updates_are_coalesced_not_sent_per_token(server, monkeypatch):
+    """A stream's page updates come at most every UI_UPDATE_S (rendering every token cost the decode loop most of
+    its speed): with a long interval, /generate and /chat send the start, the first token and the final update,
+    and the final one still holds every token."""
+    monkeypatch.setattr(app, "UI_UPDATE_S", 3600.0)
+    streams = server[0].streams
+    updates = collect(streams.generate("The law of demand", 0, 0, 24, Request("coalesce-generate")))
+    assert len(updates) == 3, [u[1] for u in updates]
+    assert len(updates[1][4]["tokens"]) == 1 and "Generating" in updates[1][1]
+    text, status, view, plot, data = updates[-1]
+    assert "Done" in status and len(data["tokens"]) == 24 and view.count('class="tok"') == 24
+    updates = collect(streams.chat("Hi", [], 0, 0, 24, Request("coalesce-chat")))
+    assert len(updates) <= 3 and "Done" in updates[-1][1], [u[1] for u in updates]
+    monkeypatch.setattr(app, "UI_UPDATE_S", 0.0)  # the same stream with every token sent: one update per token
+    per_token = collect(streams.generate("The law of demand", 0, 0, 24, Request("coalesce-every")))
+    assert len(per_token) == 1 + 23 + 1 and per_token[-1][0] == text

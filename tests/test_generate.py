@@ -128,14 +128,24 @@ def test_compiled_decoding_matches_eager_decoding():
     decoder = Decoder(model, compile=True)
     compiled = [[t.token_id for t in decoder.stream(p, 8, temperature=0, eos_token_id=None)] for p in prompts]
     assert compiled == eager
+    # the compiled step returns the routing too: a stream that records it (the app's) stays on the compiled path
+    routed = list(decoder.stream(prompts[1], 8, temperature=0, eos_token_id=None, return_routing=True))
+    expected = list(generate(model, prompts[1], 8, temperature=0, eos_token_id=None, return_routing=True))
+    assert [t.token_id for t in routed] == eager[1]
+    for got, want in zip(routed, expected):
+        assert [(layer, sorted(e)) for layer, e, _ in got.routing] == [(layer, sorted(e)) for layer, e, _ in
+                                                                      want.routing]
+        for (_, _, w_got), (_, _, w_want) in zip(got.routing, want.routing):
+            assert sorted(w_got) == pytest.approx(sorted(w_want), abs=1e-5)
     ids = torch.randint(0, TINY["vocab_size"], (1, 12))
     with torch.no_grad():  # the compiled one-token step itself (MoE layers on the gathered-weights path)
         caches = [LatentCache(model.config, 1, 12, "cpu", torch.float32) for _ in range(2)]
         for cache in caches:
             model.hidden_states(ids[:, :11], cache, 0)
         step_eager = model.hidden_states(ids[:, 11:], caches[0], 11, attn_impl="absorb", expert_impl="direct")
-        step_compiled = decoder.compiled_step(ids[:, 11:], caches[1], 11)
+        step_compiled, routing = decoder.compiled_step(ids[:, 11:], caches[1], 11)
     assert (step_compiled - step_eager).abs().max().item() <= 1e-5
+    assert len(routing) == model.config.num_moe_layers and routing[0][0].shape == (1, 1, TINY["num_experts_per_tok"])
 
 
 def solo_run(model, prompt, n, temperature=0.0, top_k=0, seed=None, eos=None):

@@ -3,6 +3,7 @@ chat transcripts that fit the context, admission (running slots, a line with pla
 with routing. A tiny random checkpoint with the SmolLM2 tokenizer; no network, never the Hub. (app.py's tests drive
 the same engine through the served page.)"""
 import threading
+import time
 
 import pytest
 
@@ -13,6 +14,7 @@ if not HAVE_TOKENIZER:
     pytest.skip(f"the SmolLM2 tokenizer is missing at {TOKENIZER_DIR}", allow_module_level=True)
 
 import serve  # noqa: E402
+import generate as generate_module  # noqa: E402
 from generate import generate  # noqa: E402
 
 CONTEXT = APP_TINY["max_position_embeddings"]
@@ -412,3 +414,42 @@ def test_per_stream_engine_keeps_its_own_loops_and_seeds(engine, monkeypatch):
     settings, _ = engine.prepare("The law of demand", 1.0, 0, 6)
     settings["seed"] = 21
     assert_matches_solo(list(engine.tokens(settings["ids"], settings)), solo(engine, settings["ids"], settings))
+
+
+@pytest.mark.skipif(not generate_module.has_cxx_compiler(), reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_one_stream_steps_match_eager_ones(engine, tmp_path):
+    """Engine(compile_decoding=True): the one-stream step is compiled in a background thread after load, timed
+    against eager steps, and decodes a stream running alone with the same greedy tokens and routing as the eager
+    engine; streams running together still step eagerly in one forward."""
+    compiled = serve.Engine(make_tiny_checkpoint(tmp_path), compile_decoding=True)
+    assert compiled.compiled["state"] in ("compiling", "on", "slower")  # the page is served meanwhile
+    deadline = time.monotonic() + 600
+    while compiled.compiled["state"] == "compiling":
+        assert time.monotonic() < deadline, "the compile warm-up never finished"
+        time.sleep(0.2)
+    state = compiled.compiled
+    assert state["state"] in ("on", "slower"), state
+    assert state["eager_step_ms"] > 0 and state["compiled_step_ms"] > 0
+    assert (compiled.batcher.compiled_step is not None) == (state["state"] == "on")
+    compiled.batcher.compiled_step = compiled.compiled_step  # the path under test, whichever won the timing here
+    settings, _ = engine.prepare("The law of demand", 0, 0, 12)
+    want = list(engine.tokens(settings["ids"], settings))
+    got = list(compiled.tokens(settings["ids"], settings))
+    assert compiled.batcher.compiled_steps == 11  # every step after the prefill's token
+    assert [t for t, *_ in got] == [t for t, *_ in want]
+    for (_, _, r_got, _), (_, _, r_want, _) in zip(got, want):
+        assert [(r["layer"], r["experts"]) for r in r_got] == [(r["layer"], r["experts"]) for r in r_want]
+        for a, b in zip(r_got, r_want):
+            assert a["weights"] == pytest.approx(b["weights"], abs=2e-4)
+    results = {}
+
+    def run(name, prompt):
+        s, _ = compiled.prepare(prompt, 0, 0, 12)
+        results[name] = [t for t, *_ in compiled.tokens(s["ids"], s)]
+
+    threads = [threading.Thread(target=run, args=(n, p)) for n, p in [("a", "The law of demand"), ("b", "Cells")]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results["a"] == [t for t, *_ in want] and len(results["b"]) == 12
