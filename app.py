@@ -36,11 +36,13 @@ from serve import (MAX_BATCH, MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_t
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 EXPERTS_JSON = "experts.json"  # beside the weights; written by experts_report.py
-# A streamed update re-renders the token view and copies the routing record: sent at most every UI_UPDATE_S (and at
-# the end), not per token, so that rendering never costs the decode loop its cores (page throughput was ~5 tok/s
-# against 13 from the engine when every token was sent). The plotly heatmap is re-sent at most every HEATMAP_EVERY_S.
+# Streamed updates cost the server CPU that the decode loop needs (2 cores): the text and token view are sent at
+# most every UI_UPDATE_S, the heatmap and the routing JSON (~2 KB per token so far, which Gradio diffs against the
+# last one sent: the costliest part, O(n) per update) at most every ROUTING_EVERY_S; all of them at the start and
+# the end. Measured on the shipped model, one stream: 6.8-7.7 tok/s through the page with the JSON in every update,
+# 10.4-10.7 without it, against 9.5-11.2 from the engine itself.
 UI_UPDATE_S = 0.1
-HEATMAP_EVERY_S = 1.0
+ROUTING_EVERY_S = 1.0
 # Admission, chosen by bench/bench_app_load.py on 2 cores (results/app_load.json): streams running at once, and how
 # many more may wait in line before visitors are asked to come back later
 QUEUE_WORKERS = MAX_BATCH  # running streams are decoded together in one batch (serve.Batcher)
@@ -245,7 +247,7 @@ class Streams:
         layer = self._layer(session, "generate")
         yield "", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data), _snapshot(data)
         t0, outcome = time.perf_counter(), StreamOutcome()
-        shown, plotted = float("-inf"), t0  # the first token is shown at once
+        shown, routed = float("-inf"), t0  # the first token is shown at once
         async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
                 now = time.perf_counter()
@@ -253,11 +255,11 @@ class Streams:
                     shown = now
                     layer = self._layer(session, "generate")
                     rate = n / max(now - t0, 1e-9)
-                    plot = gr.skip()
-                    if now - plotted >= HEATMAP_EVERY_S:
-                        plot, plotted = load_heatmap(data), now
+                    plot = routing = gr.skip()
+                    if now - routed >= ROUTING_EVERY_S:
+                        plot, routing, routed = load_heatmap(data), _snapshot(data), now
                     yield (outcome.text.text, f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)",
-                           view.render(data, layer), plot, _snapshot(data))
+                           view.render(data, layer), plot, routing)
         n = len(data["tokens"])
         seconds = time.perf_counter() - t0
         label = "⏹ Stopped" if outcome.reason.startswith("stopped with") else "✓ Done"
@@ -311,7 +313,7 @@ class Streams:
         reply = {"role": "assistant", "content": ""}
         yield conversation + [reply], f"{header}\n\n⏳ Replying…", view.render(data, layer), _snapshot(data)
         t0, outcome = time.perf_counter(), StreamOutcome()
-        shown = float("-inf")  # the first token is shown at once
+        shown, routed = float("-inf"), t0  # the first token is shown at once
         async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
                 cut = outcome.text.text.find(STOP_TEXT)
@@ -325,8 +327,11 @@ class Streams:
                 shown = now
                 reply["content"] = shown_reply(outcome.text.text)
                 layer = self._layer(session, "chat")
+                routing = gr.skip()
+                if now - routed >= ROUTING_EVERY_S:
+                    routing, routed = _snapshot(data), now
                 yield (conversation + [dict(reply)], f"{header}\n\n⏳ Replying… {n} tokens",
-                       view.render(data, layer), _snapshot(data))
+                       view.render(data, layer), routing)
         full = outcome.text.final() if outcome.text else ""
         cut = full.find(STOP_TEXT)
         reply["content"] = (full[:cut] if cut >= 0 else full).strip()

@@ -7,14 +7,16 @@ Modes, all in one run on one loaded page: "per-stream" (each admitted stream its
 the app before batching) and "batched <= B" for each --batch bound B (every running stream stepped in one forward,
 up to B at once); with --compile also the app's own mode, the largest bound with a stream alone on the compiled
 step (serve.Engine(compile_decoding=True)). In each round, for each number of users, every mode runs once, in an order that rotates between
-rounds, so load from other work falls on all of them alike. Each user is its own gradio_client (its own session)
-calling /generate with the same prompt and settings (greedy by default), all started together. First token = submit
+rounds, so load from other work falls on all of them alike. Each user is its own gradio_client (its own session), in
+a process apart from the server (as a Space's visitors are on other machines), calling /generate with the same prompt and settings (greedy by default), all started together. First token = submit
 -> first streamed text; tokens/s in total = all users' tokens / the round's wall time. The load average before and
 after every row and the busiest processes at the start and end are recorded: on a shared machine the figures move
 with other work. Writes results/app_load.json (every row, and per mode and users the median over rounds).
 """
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -169,6 +171,9 @@ def main(argv=None):
         port = s.getsockname()[1]
     app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
     url = f"http://127.0.0.1:{port}/"
+    # the visitors run in a process of their own, as a Space's visitors are on other machines: their clients'
+    # threads (HTTP, SSE parsing) would otherwise compete with the server's decode loop for this process's GIL
+    visitors = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     modes = [{"name": "per-stream", "batch": None}] + [{"name": f"batched <= {b}", "batch": b} for b in args.batch]
     if args.compile:
         modes.append({"name": f"batched <= {max(args.batch)}, compiled alone", "batch": max(args.batch),
@@ -178,7 +183,7 @@ def main(argv=None):
     try:
         for mode in modes:  # warm-up: first calls, allocations, the batch loop's first start
             set_mode(engine, mode, args.workers, args.max_waiting)
-            one_round(url, 1, 4, args.prompt, args.temperature, args.top_k)
+            visitors.submit(one_round, url, 1, 4, args.prompt, args.temperature, args.top_k).result()
         for r in range(args.rounds):
             for users in args.users:
                 shift = (r + args.users.index(users)) % len(modes)
@@ -186,7 +191,8 @@ def main(argv=None):
                     set_mode(engine, mode, args.workers, args.max_waiting)
                     load_before = os.getloadavg()
                     row = {"round": r, "mode": mode["name"],
-                           **one_round(url, users, args.tokens, args.prompt, args.temperature, args.top_k),
+                           **visitors.submit(one_round, url, users, args.tokens, args.prompt, args.temperature,
+                                             args.top_k).result(),
                            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
                     rows.append(row)
                     print(f"round {r + 1} {mode['name']:13s} users {users:3d}: first token p50 "
@@ -194,6 +200,7 @@ def main(argv=None):
                           f"in total; slowest call {row['total_p95_s']:.1f} s; busy {row['busy']}; load "
                           f"{load_before[0]:.2f} -> {row['loadavg_after'][0]:.2f}", flush=True)
     finally:
+        visitors.shutdown()
         demo.close()
     table, goals = summarize(rows, modes, args.users)
     for name, goal in goals.items():

@@ -35,6 +35,7 @@ def every_token_shown(monkeypatch):
     """These tests follow streams token by token (Stop after the 5th, the text growing): an update per token. The
     page's own coalescing (app.UI_UPDATE_S) has its own test below."""
     monkeypatch.setattr(app, "UI_UPDATE_S", 0.0)
+    monkeypatch.setattr(app, "ROUTING_EVERY_S", 0.0)
 
 
 def serve(model_dir: str):
@@ -702,14 +703,16 @@ def test_updates_are_coalesced_not_sent_per_token(server, monkeypatch):
     its speed): with a long interval, /generate and /chat send the start, the first token and the final update,
     and the final one still holds every token."""
     monkeypatch.setattr(app, "UI_UPDATE_S", 3600.0)
+    monkeypatch.setattr(app, "ROUTING_EVERY_S", 3600.0)
     streams = server[0].streams
     updates = collect(streams.generate("The law of demand", 0, 0, 24, Request("coalesce-generate")))
     assert len(updates) == 3, [u[1] for u in updates]
-    assert len(updates[1][4]["tokens"]) == 1 and "Generating" in updates[1][1]
+    assert "Generating… 1/24" in updates[1][1] and updates[1][4] == gr.skip()  # the routing JSON waits
     text, status, view, plot, data = updates[-1]
     assert "Done" in status and len(data["tokens"]) == 24 and view.count('class="tok"') == 24
     updates = collect(streams.chat("Hi", [], 0, 0, 24, Request("coalesce-chat")))
     assert len(updates) <= 3 and "Done" in updates[-1][1], [u[1] for u in updates]
-    monkeypatch.setattr(app, "UI_UPDATE_S", 0.0)  # the same stream with every token sent: one update per token
+    monkeypatch.setattr(app, "UI_UPDATE_S", 0.0)  # the same stream with every token sent: one update per token,
     per_token = collect(streams.generate("The law of demand", 0, 0, 24, Request("coalesce-every")))
     assert len(per_token) == 1 + 23 + 1 and per_token[-1][0] == text
+    assert all(u[4] == gr.skip() for u in per_token[1:-1])  # the routing JSON still only at the start and the end
