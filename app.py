@@ -36,11 +36,12 @@ from serve import (MAX_BATCH, MAX_PROMPT_CHARS, MAX_TEMPERATURE, Engine, clean_t
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 EXPERTS_JSON = "experts.json"  # beside the weights; written by experts_report.py
-# Streamed updates cost the server CPU that the decode loop needs (2 cores): the text and token view are sent at
-# most every UI_UPDATE_S, the heatmap and the routing JSON (~2 KB per token so far, which Gradio diffs against the
-# last one sent: the costliest part, O(n) per update) at most every ROUTING_EVERY_S; all of them at the start and
-# the end. Measured on the shipped model, one stream: 6.8-7.7 tok/s through the page with the JSON in every update,
-# 10.4-10.7 without it, against 9.5-11.2 from the engine itself.
+# Streamed updates cost the server CPU that the decode loop needs (2 cores): a stream's text and token view are sent
+# at most every UI_UPDATE_S x the streams running (so the page sends ~1 / UI_UPDATE_S updates a second in all, however
+# many visitors), the heatmap and the routing JSON (~2 KB per token so far, which Gradio diffs against the last one
+# sent: the costliest part) at most every ROUTING_EVERY_S x the streams running; all of them at the start and the end.
+# Measured on the shipped model, one stream: 6.8-7.7 tok/s through the page with the JSON in every update, 10.4-10.7
+# without it, against 9.5-11.2 from the engine itself.
 UI_UPDATE_S = 0.1
 ROUTING_EVERY_S = 1.0
 # Admission, chosen by bench/bench_app_load.py on 2 cores (results/app_load.json): streams running at once, and how
@@ -250,13 +251,13 @@ class Streams:
         shown, routed = float("-inf"), t0  # the first token is shown at once
         async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
-                now = time.perf_counter()
-                if n < max_new and now - shown >= UI_UPDATE_S:
+                now, running = time.perf_counter(), max(1, self.engine.admission.active)
+                if n < max_new and now - shown >= UI_UPDATE_S * running:
                     shown = now
                     layer = self._layer(session, "generate")
                     rate = n / max(now - t0, 1e-9)
                     plot = routing = gr.skip()
-                    if now - routed >= ROUTING_EVERY_S:
+                    if now - routed >= ROUTING_EVERY_S * running:
                         plot, routing, routed = load_heatmap(data), _snapshot(data), now
                     yield (outcome.text.text, f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)",
                            view.render(data, layer), plot, routing)
@@ -321,14 +322,14 @@ class Streams:
                     outcome.reason = f"stopped at the next “{STOP_TEXT.strip()}”"
                     _keep_tokens_before(data, cut)
                     break
-                now = time.perf_counter()
-                if now - shown < UI_UPDATE_S:
+                now, running = time.perf_counter(), max(1, self.engine.admission.active)
+                if now - shown < UI_UPDATE_S * running:
                     continue
                 shown = now
                 reply["content"] = shown_reply(outcome.text.text)
                 layer = self._layer(session, "chat")
                 routing = gr.skip()
-                if now - routed >= ROUTING_EVERY_S:
+                if now - routed >= ROUTING_EVERY_S * running:
                     routing, routed = _snapshot(data), now
                 yield (conversation + [dict(reply)], f"{header}\n\n⏳ Replying… {n} tokens",
                        view.render(data, layer), routing)
@@ -991,6 +992,7 @@ def build_demo(model_dir: str | None = None, engine: Engine | None = None, compi
     # Admission (Engine.admission) bounds the work and tells visitors their place; Gradio's own queue is only a
     # backstop above it (its "Queue is full" reaches API clients as a bare exception).
     demo.queue(default_concurrency_limit=QUEUE_WORKERS, max_size=4 * (QUEUE_WORKERS + QUEUE_MAX_WAITING))
+    demo.engine = engine  # main() hands its decode loop the main thread
     return demo
 
 
@@ -1046,7 +1048,22 @@ def main():
     # a stream alone decodes through torch.compile once a background warm-up has measured it faster (~1.5x on the
     # CPUs measured); COMPILE_DECODING=0 keeps every step eager (no compiler use at all)
     compile_decoding = os.environ.get("COMPILE_DECODING", "1").strip() not in ("0", "false", "no", "off")
-    launch(build_demo(compile_decoding=compile_decoding), server_name=default_host(), server_port=port)
+    demo = build_demo(compile_decoding=compile_decoding)
+    launch(demo, server_name=default_host(), server_port=port, prevent_thread_lock=True)
+    serve_forever(demo)
+
+
+def serve_forever(demo) -> None:
+    """Block until Ctrl-C, running the batched decode loop in this (the main) thread: the server has its own threads,
+    and the loop's GEMMs ran ~10-25% faster here than in a thread of their own (serve.Batcher.serve_forever)."""
+    engine = getattr(demo, "engine", None)
+    try:
+        if engine is not None and engine.batcher is not None:
+            engine.batcher.serve_forever()
+        else:  # no model loaded: the page says why; nothing to decode
+            demo.block_thread()
+    except KeyboardInterrupt:
+        demo.close()
 
 
 if __name__ == "__main__":

@@ -312,6 +312,9 @@ class BatchDecoder:
         if B == 1 and self.compiled_step is not None:
             h, layers = self.compiled_step(ids, self.cache.rows(0, 1), self.streams[0].length)
             self.compiled_steps += 1
+        elif B == 1:  # a stream alone steps as Decoder.stream does: one position, its K experts called directly
+            h = self.model.hidden_states(ids, self.cache.rows(0, 1), self.streams[0].length, layers,
+                                         attn_impl=self.attn_impl, expert_impl="direct")
         else:
             h = self.model.hidden_states(ids, self.cache.rows(0, B), pos, layers, attn_impl=self.attn_impl,
                                          expert_impl="sorted")

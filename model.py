@@ -221,7 +221,11 @@ class MLA(nn.Module):
         S = kv.shape[1]
         w = self.kv_b_proj.weight.view(n, self.dn + self.dv, self.dc)
         w_uk, w_uv = w[:, :self.dn], w[:, self.dn:]  # [n, dn, dc], [n, dv, dc]
-        q = torch.cat([torch.matmul(q_nope, w_uk), q_rope], dim=-1).view(B, n * T, self.dc + self.dr)
+        # the batch rows go into the matmul's rows ([n, B*T, dn] @ [n, dn, dc]): broadcasting w_uk over B instead
+        # would copy it B times per layer and step (batched decoding)
+        q_latent = torch.matmul(q_nope.transpose(0, 1).reshape(n, B * T, self.dn), w_uk)  # [n, B*T, dc]
+        q_latent = q_latent.view(n, B, T, self.dc).transpose(0, 1)  # [B, n, T, dc]
+        q = torch.cat([q_latent, q_rope], dim=-1).view(B, n * T, self.dc + self.dr)
         scores = torch.matmul(q, kv.transpose(1, 2)).mul_(self.scale)  # [B, n*T, S]
         if future is not None:  # per-row positions: [B, T, S] -> the rows of every head [B, n*T, S]
             scores.masked_fill_(future.repeat(1, n, 1), float("-inf"))
@@ -229,7 +233,9 @@ class MLA(nn.Module):
             future = self._future(start_pos + torch.arange(T, device=q.device), S)
             scores.masked_fill_(future.repeat(n, 1), float("-inf"))
         o_latent = torch.matmul(scores.softmax(-1), kv[..., :self.dc])  # [B, n*T, dc]
-        return torch.matmul(o_latent.view(B, n, T, self.dc), w_uv.transpose(1, 2))  # [B, n, T, dv]
+        o_latent = o_latent.view(B, n, T, self.dc).transpose(0, 1).reshape(n, B * T, self.dc)
+        out = torch.matmul(o_latent, w_uv.transpose(1, 2))  # [n, B*T, dv]
+        return out.view(n, B, T, self.dv).transpose(0, 1)  # [B, n, T, dv]
 
 
 # ----------------------------------------------------------------------------------------------------------------

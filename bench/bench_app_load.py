@@ -179,29 +179,46 @@ def main(argv=None):
         modes.append({"name": f"batched <= {max(args.batch)}, compiled alone", "batch": max(args.batch),
                       "compiled": True})
     started = {"loadavg": os.getloadavg(), "busiest": busiest_processes()}
-    rows = []
+    rows, finished, failure = [], threading.Event(), []
+
+    def drive():
+        try:
+            for mode in modes:  # warm-up: first calls, allocations, the batch loop's first start
+                set_mode(engine, mode, args.workers, args.max_waiting)
+                visitors.submit(one_round, url, 1, 4, args.prompt, args.temperature, args.top_k).result()
+            for r in range(args.rounds):
+                for users in args.users:
+                    shift = (r + args.users.index(users)) % len(modes)
+                    for mode in modes[shift:] + modes[:shift]:  # alternate who goes first
+                        set_mode(engine, mode, args.workers, args.max_waiting)
+                        load_before = os.getloadavg()
+                        row = {"round": r, "mode": mode["name"],
+                               **visitors.submit(one_round, url, users, args.tokens, args.prompt, args.temperature,
+                                                 args.top_k).result(),
+                               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+                        rows.append(row)
+                        print(f"round {r + 1} {mode['name']:13s} users {users:3d}: first token p50 "
+                              f"{row['ttft_p50_s']:.2f} s p95 {row['ttft_p95_s']:.2f} s; {row['tok_s_total']:.1f} "
+                              f"tok/s in total; slowest call {row['total_p95_s']:.1f} s; busy {row['busy']}; load "
+                              f"{load_before[0]:.2f} -> {row['loadavg_after'][0]:.2f}", flush=True)
+        except BaseException as err:  # noqa: BLE001 (re-raised in the main thread)
+            failure.append(err)
+        finally:
+            finished.set()
+
+    threading.Thread(target=drive, name="bench-driver", daemon=True).start()
     try:
-        for mode in modes:  # warm-up: first calls, allocations, the batch loop's first start
-            set_mode(engine, mode, args.workers, args.max_waiting)
-            visitors.submit(one_round, url, 1, 4, args.prompt, args.temperature, args.top_k).result()
-        for r in range(args.rounds):
-            for users in args.users:
-                shift = (r + args.users.index(users)) % len(modes)
-                for mode in modes[shift:] + modes[:shift]:  # alternate who goes first
-                    set_mode(engine, mode, args.workers, args.max_waiting)
-                    load_before = os.getloadavg()
-                    row = {"round": r, "mode": mode["name"],
-                           **visitors.submit(one_round, url, users, args.tokens, args.prompt, args.temperature,
-                                             args.top_k).result(),
-                           "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-                    rows.append(row)
-                    print(f"round {r + 1} {mode['name']:13s} users {users:3d}: first token p50 "
-                          f"{row['ttft_p50_s']:.2f} s p95 {row['ttft_p95_s']:.2f} s; {row['tok_s_total']:.1f} tok/s "
-                          f"in total; slowest call {row['total_p95_s']:.1f} s; busy {row['busy']}; load "
-                          f"{load_before[0]:.2f} -> {row['loadavg_after'][0]:.2f}", flush=True)
+        while not finished.is_set():  # the batched decode loop in the main thread, as `python app.py` runs it
+            batcher = engine.batcher
+            if batcher is None:  # per-stream mode: each stream its own loop
+                finished.wait(0.05)
+                continue
+            batcher.serve_forever(until=lambda: finished.is_set() or engine.batcher is not batcher)
     finally:
         visitors.shutdown()
         demo.close()
+    if failure:
+        raise failure[0]
     table, goals = summarize(rows, modes, args.users)
     for name, goal in goals.items():
         print(f"{name}: " + "; ".join(f"{key} {g['ratio']:.2f} (goal {'<=' if 'goal_at_most' in g else '>='} "

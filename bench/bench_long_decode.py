@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REFERENCE, ModelConfig, SmolLM2DeepSeek  # noqa: E402
+from common import REFERENCE, ModelConfig, SmolLM2DeepSeek, cpu_model  # noqa: E402
 from model import LatentCache  # noqa: E402
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -161,7 +161,7 @@ def main():
     for goal, value in goals.items():
         print(f"at {longest}: {goal}: {value:.3f}")
     result = {"config": "tiny" if args.tiny else "REFERENCE (bench/common.py)", "contexts": args.contexts,
-              "steps": args.steps, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "steps": args.steps, "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
               "load_average": os.getloadavg(), "layer_types_hybrid": models["ours hybrid"].config.layer_types,
               "models": rows, f"ratios_at_{longest}": goals}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

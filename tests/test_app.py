@@ -388,10 +388,12 @@ def test_main_listens_on_loopback_unless_asked(monkeypatch):
     seen = {}
     monkeypatch.setattr(app, "build_demo", lambda compile_decoding: f"demo compile={compile_decoding}")
     monkeypatch.setattr(app, "launch", lambda demo, **kw: seen.update(kw, demo=demo))
+    monkeypatch.setattr(app, "serve_forever", lambda demo: seen.update(forever=demo))
     for key in ["GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "PORT", "SPACE_ID", "COMPILE_DECODING"]:
         monkeypatch.delenv(key, raising=False)
-    app.main()  # compiled one-stream decoding is on unless COMPILE_DECODING=0
-    assert seen == {"demo": "demo compile=True", "server_name": "127.0.0.1", "server_port": 7860}
+    app.main()  # compiled one-stream decoding is on unless COMPILE_DECODING=0; the decode loop gets the main thread
+    assert seen == {"demo": "demo compile=True", "server_name": "127.0.0.1", "server_port": 7860,
+                    "prevent_thread_lock": True, "forever": "demo compile=True"}
     monkeypatch.setenv("COMPILE_DECODING", "0")
     app.main()
     assert seen["demo"] == "demo compile=False"

@@ -396,7 +396,7 @@ def test_bad_input_or_a_failure_in_one_stream_never_disturbs_another(engine, mon
     assert_matches_solo(results["good"], solo(engine, good["ids"], good))
 
     def failing_step(ids, cache, start_pos, *args, **kwargs):
-        if torch.is_tensor(start_pos):
+        if torch.is_tensor(start_pos) or start_pos > 0:  # a decode step (the prefill starts at 0)
             raise RuntimeError("step failed")
         return hidden_states(ids, cache, start_pos, *args, **kwargs)
 
@@ -453,3 +453,34 @@ def test_compiled_one_stream_steps_match_eager_ones(engine, tmp_path):
     for t in threads:
         t.join(timeout=120)
     assert results["a"] == [t for t, *_ in want] and len(results["b"]) == 12
+
+
+def test_a_hosted_decode_loop_serves_streams_in_its_own_thread(tmp_path):
+    """Batcher.serve_forever (what `python app.py` runs in its main thread): streams are decoded in the hosting
+    thread, one after another and together, with the tokens of the on-demand loop thread, which is never started."""
+    hosted = serve.Engine(make_tiny_checkpoint(tmp_path))
+    host = threading.Thread(target=hosted.batcher.serve_forever, name="host", daemon=True)
+    host.start()
+    seen_threads = set()
+    real_step = hosted.batcher._step
+
+    def step(decoder):
+        seen_threads.add(threading.current_thread().name)
+        return real_step(decoder)
+
+    hosted.batcher._step = step
+    settings, _ = hosted.prepare("The law of demand", 0, 0, 10)
+    solo = [t for t, *_ in hosted.tokens(settings["ids"], settings)]
+    assert solo == [t.token_id for t in generate(hosted.model, settings["ids"], 10, temperature=0)]
+    results = {}
+
+    def run(name):
+        results[name] = [t for t, *_ in hosted.tokens(settings["ids"], settings)]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {"a": solo, "b": solo, "c": solo}
+    assert seen_threads == {"host"} and host.is_alive()
