@@ -39,8 +39,9 @@ MAX_PROMPT_CHARS = 50_000  # longer prompts keep their end before tokenizing (th
 MAX_TEMPERATURE = 2.0
 # bf16 must beat fp32 by this factor in the start-up probe to be chosen (bf16 also costs some accuracy)
 BF16_MIN_SPEEDUP = 1.2
-# Streams decoded together in one batch (Batcher), also the streams admitted at once. Not yet chosen by measurement
-# on this project's machines (bench/bench_app_load.py --batch 8 16 compares bounds): 16 until it is.
+# Streams decoded together in one batch (Batcher), also the streams admitted at once. Chosen by measurement
+# (bench/bench_app_load.py --batch 8 16, results/app_load.json): at 16 visitors a bound of 16 gave 52.8 tok/s in
+# total and a p95 first token of 3.4 s, a bound of 8 31.3 tok/s and 14.8 s (the other 8 waited in line).
 MAX_BATCH = 16
 # Compiled one-stream steps (Engine(compile_decoding=True)): timed against eager steps after the warm-up, each side
 # this many steps (median), and used only when faster

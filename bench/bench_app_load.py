@@ -151,7 +151,7 @@ def main(argv=None):
 
     import app
     import serve
-    from common import cpu_model
+    from common import cpu_model, rss_gib
 
     if max(args.batch) > app.QUEUE_WORKERS:
         parser.error(f"--batch above {app.QUEUE_WORKERS} (the page's concurrency limit, app.QUEUE_WORKERS) would be "
@@ -229,6 +229,7 @@ def main(argv=None):
            "cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "compiled_warm_up": compile_info,
            "per_stream_workers": args.workers, "modes": [m["name"] for m in modes],
            "start": started, "end": {"loadavg": os.getloadavg(), "busiest": busiest_processes()},
+           "server_rss_peak_gib": round(rss_gib()[1], 3),
            "note": "2-core machine shared with other jobs: see each row's load average and the busiest processes",
            "median_over_rounds": table, "goals": goals, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

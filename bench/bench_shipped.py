@@ -24,17 +24,6 @@ TEXT = ("Photosynthesis is the process by which green plants, algae and some bac
         "into oxygen, protons and electrons. ")
 
 
-def rss_gib() -> tuple[float, float]:
-    """(resident now, peak resident) of this process in GiB."""
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, kib = line.split()[:2]
-                values[key] = int(kib) / 2 ** 20
-    return values.get("VmRSS:", float("nan")), values.get("VmHWM:", float("nan"))
-
-
 def one_stream(decoder, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
     """(first-token seconds, decode tokens/s after it, the tokens) of one greedy stream."""
     start = time.perf_counter()
@@ -58,7 +47,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import torch
 
-    from common import cpu_model
+    from common import cpu_model, rss_gib
     from generate import Decoder
     from serve import Engine
 

@@ -59,3 +59,14 @@ def cpu_model() -> str:
                 "unknown")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     return f"{name} ({'AVX-512 BF16' if 'avx512_bf16' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
+
+
+def rss_gib() -> tuple[float, float]:
+    """(resident now, peak resident) of this process in GiB."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, kib = line.split()[:2]
+                values[key] = int(kib) / 2 ** 20
+    return values.get("VmRSS:", float("nan")), values.get("VmHWM:", float("nan"))
