@@ -259,8 +259,8 @@ class Streams:
                     plot = routing = gr.skip()
                     if now - routed >= ROUTING_EVERY_S * running:
                         plot, routing, routed = load_heatmap(data), _snapshot(data), now
-                    yield (outcome.text.text, f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)",
-                           view.render(data, layer), plot, routing)
+                    status = f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)"
+                    yield outcome.text.text, status, view.render(data, layer), plot, routing
         n = len(data["tokens"])
         seconds = time.perf_counter() - t0
         label = "⏹ Stopped" if outcome.reason.startswith("stopped with") else "✓ Done"
@@ -867,7 +867,8 @@ CHAT_MODEL_LIMITS = (
     "briefly and often makes facts up: check anything that matters.")
 
 
-def build_demo(model_dir: str | None = None, engine: Engine | None = None, compile_decoding: bool = False) -> gr.Blocks:
+def build_demo(model_dir: str | None = None, engine: Engine | None = None,
+               compile_decoding: bool = False) -> gr.Blocks:
     """The whole page for a checkpoint directory (None: MODEL_REPO / MODEL_DIR / checkpoints/final), queued but not
     launched. A missing or corrupt checkpoint gives a page that says so, with generation disabled.
     compile_decoding: see serve.Engine (`python app.py` turns it on unless COMPILE_DECODING=0)."""

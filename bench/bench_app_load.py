@@ -6,9 +6,10 @@
 Modes, all in one run on one loaded page: "per-stream" (each admitted stream its own decode loop, --workers at once:
 the app before batching) and "batched <= B" for each --batch bound B (every running stream stepped in one forward,
 up to B at once); with --compile also the app's own mode, the largest bound with a stream alone on the compiled
-step (serve.Engine(compile_decoding=True)). In each round, for each number of users, every mode runs once, in an order that rotates between
-rounds, so load from other work falls on all of them alike. Each user is its own gradio_client (its own session), in
-a process apart from the server (as a Space's visitors are on other machines), calling /generate with the same prompt and settings (greedy by default), all started together. First token = submit
+step (serve.Engine(compile_decoding=True)). In each round, for each number of users, every mode runs once, in an
+order that rotates between rounds, so load from other work falls on all of them alike. Each user is its own
+gradio_client (its own session), in a process apart from the server (as a Space's visitors are on other machines),
+calling /generate with the same prompt and settings (greedy by default), all started together. First token = submit
 -> first streamed text; tokens/s in total = all users' tokens / the round's wall time. The load average before and
 after every row and the busiest processes at the start and end are recorded: on a shared machine the figures move
 with other work. Writes results/app_load.json (every row, and per mode and users the median over rounds).
@@ -226,7 +227,8 @@ def main(argv=None):
     out = {"command": " ".join(["python3", "bench/bench_app_load.py", *(argv if argv is not None else sys.argv[1:])]),
            "model_dir": serve.display_path(args.model_dir), "tokens_per_call": args.tokens, "prompt": args.prompt,
            "temperature": args.temperature, "top_k": args.top_k, "weights_dtype": engine.dtype_name,
-           "cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "compiled_warm_up": compile_info,
+           "cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+           "compiled_warm_up": compile_info,
            "per_stream_workers": args.workers, "modes": [m["name"] for m in modes],
            "start": started, "end": {"loadavg": os.getloadavg(), "busiest": busiest_processes()},
            "server_rss_peak_gib": round(rss_gib()[1], 3),

@@ -146,7 +146,8 @@ def main(argv=None):
           f"{full.kv_cache_values_per_token} vs SmolLM2-135M GQA 384 -> {full.kv_cache_values_per_token / 384:.3f}")
     out = {"command": " ".join(["python3", "bench/bench_decode.py", *(argv if argv is not None else sys.argv[1:])]),
            "model": what, "new_tokens": args.new, "rounds": args.rounds, "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "compile_s": compile_s, "summary": summary, "per_round": rounds,
+           "cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "compile_s": compile_s,
+           "summary": summary, "per_round": rounds,
            "kv_cache_values_per_token_per_layer": values,
            "note": "decode-only rates; sides interleaved within each round; see each round's load average"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
