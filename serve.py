@@ -340,8 +340,7 @@ class Batcher:
             if self._hosted:
                 self._wake.notify()
             elif self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-                self._thread.start()
+                self._start_loop_thread()
         try:
             while (item := request.out.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -373,8 +372,12 @@ class Batcher:
             with self._lock:
                 self._hosted = False
                 if self._joining and self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-                    self._thread.start()
+                    self._start_loop_thread()
+
+    def _start_loop_thread(self) -> None:
+        """(with the lock held) The decode loop in a thread of its own, until no stream is left."""
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
 
     def _loop(self):
         decoder = None
