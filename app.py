@@ -103,6 +103,26 @@ class StreamOutcome:
     text: object = None
 
 
+class UpdatePacer:
+    """Whether a stream's next page update is due (see UI_UPDATE_S): the first token's at once, then text at most
+    every UI_UPDATE_S and routing (heatmap, JSON) at most every ROUTING_EVERY_S, each times the streams running."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.shown, self.routed = float("-inf"), time.perf_counter()
+
+    def due(self) -> tuple[bool, bool]:
+        """(send the text now, send the routing with it)."""
+        now, running = time.perf_counter(), max(1, self.engine.admission.active)
+        if now - self.shown < UI_UPDATE_S * running:
+            return False, False
+        self.shown = now
+        routing = now - self.routed >= ROUTING_EVERY_S * running
+        if routing:
+            self.routed = now
+        return True, routing
+
+
 async def _next(iterator):
     """One step of a (blocking, torch) iterator in a worker thread: the event loop keeps serving other visitors."""
     return await anyio.to_thread.run_sync(next, iterator, None)
@@ -247,18 +267,16 @@ class Streams:
         data, header, view = self._new_view(ids, settings, notes)
         layer = self._layer(session, "generate")
         yield "", f"{header}\n\n⏳ Generating…", view.render(data, layer), load_heatmap(data), _snapshot(data)
-        t0, outcome = time.perf_counter(), StreamOutcome()
-        shown, routed = float("-inf"), t0  # the first token is shown at once
+        t0, outcome, pacer = time.perf_counter(), StreamOutcome(), UpdatePacer(self.engine)
         async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
-                now, running = time.perf_counter(), max(1, self.engine.admission.active)
-                if n < max_new and now - shown >= UI_UPDATE_S * running:
-                    shown = now
+                text_due, routing_due = pacer.due() if n < max_new else (False, False)
+                if text_due:
                     layer = self._layer(session, "generate")
-                    rate = n / max(now - t0, 1e-9)
+                    rate = n / max(time.perf_counter() - t0, 1e-9)
                     plot = routing = gr.skip()
-                    if now - routed >= ROUTING_EVERY_S * running:
-                        plot, routing, routed = load_heatmap(data), _snapshot(data), now
+                    if routing_due:
+                        plot, routing = load_heatmap(data), _snapshot(data)
                     status = f"{header}\n\n⏳ Generating… {n}/{max_new} tokens ({rate:.1f} tokens/s)"
                     yield outcome.text.text, status, view.render(data, layer), plot, routing
         n = len(data["tokens"])
@@ -313,8 +331,7 @@ class Streams:
         data["prompt"] = ""  # the token view shows the reply alone (the transcript is on the left)
         reply = {"role": "assistant", "content": ""}
         yield conversation + [reply], f"{header}\n\n⏳ Replying…", view.render(data, layer), _snapshot(data)
-        t0, outcome = time.perf_counter(), StreamOutcome()
-        shown, routed = float("-inf"), t0  # the first token is shown at once
+        t0, outcome, pacer = time.perf_counter(), StreamOutcome(), UpdatePacer(self.engine)
         async with contextlib.aclosing(self._token_steps(data, ids, settings, session, ticket, outcome)) as tokens:
             async for n in tokens:
                 cut = outcome.text.text.find(STOP_TEXT)
@@ -322,15 +339,12 @@ class Streams:
                     outcome.reason = f"stopped at the next “{STOP_TEXT.strip()}”"
                     _keep_tokens_before(data, cut)
                     break
-                now, running = time.perf_counter(), max(1, self.engine.admission.active)
-                if now - shown < UI_UPDATE_S * running:
+                text_due, routing_due = pacer.due()
+                if not text_due:
                     continue
-                shown = now
                 reply["content"] = shown_reply(outcome.text.text)
                 layer = self._layer(session, "chat")
-                routing = gr.skip()
-                if now - routed >= ROUTING_EVERY_S * running:
-                    routing, routed = _snapshot(data), now
+                routing = _snapshot(data) if routing_due else gr.skip()
                 yield (conversation + [dict(reply)], f"{header}\n\n⏳ Replying… {n} tokens",
                        view.render(data, layer), routing)
         full = outcome.text.final() if outcome.text else ""

@@ -307,7 +307,6 @@ class BatchDecoder:
         device = self.head.device
         B = len(self.streams)
         ids = torch.tensor([[s.token] for s in self.streams], device=device)
-        pos = torch.tensor([s.length for s in self.streams], device=device)
         layers = [] if any(s.return_routing for s in self.streams) else None
         if B == 1 and self.compiled_step is not None:
             h, layers = self.compiled_step(ids, self.cache.rows(0, 1), self.streams[0].length)
@@ -315,7 +314,8 @@ class BatchDecoder:
         elif B == 1:  # a stream alone steps as Decoder.stream does: one position, its K experts called directly
             h = self.model.hidden_states(ids, self.cache.rows(0, 1), self.streams[0].length, layers,
                                          attn_impl=self.attn_impl, expert_impl="direct")
-        else:
+        else:  # per-row positions
+            pos = torch.tensor([s.length for s in self.streams], device=device)
             h = self.model.hidden_states(ids, self.cache.rows(0, B), pos, layers, attn_impl=self.attn_impl,
                                          expert_impl="sorted")
         logits = (h[:, -1] @ self.head).float()  # [B, V]
