@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, spread_model, tiny_config
-from generate import BatchDecoder, Decoder, generate
+from generate import BatchDecoder, DecodeHead, Decoder, generate
 from model import LatentCache, SmolLM2DeepSeek
 from config import TrainConfig
 from train import build_optimizer
@@ -39,6 +39,25 @@ def test_generate_greedy_matches_argmax_of_full_forward_and_reports_routing():
     # the one decode loop: generate() is Decoder(model).stream()
     assert [t.token_id for t in Decoder(model).stream(prompt, 6, temperature=0, eos_token_id=None)] == \
         [t.token_id for t in out]
+
+
+@pytest.mark.parametrize("vocab, parts", [(96, 1), (96, 4), (97, 4)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_head_gives_the_lm_heads_logits(vocab, parts, rows):
+    """The vocabulary cut into column blocks (one batched matmul) gives F.linear's logits, in fp32, in vocab order;
+    a vocabulary the blocks do not divide falls back to one block."""
+    torch.manual_seed(0)
+    weight = torch.randn(vocab, 24)
+    h = torch.randn(rows, 24)
+    head = DecodeHead(weight, parts)
+    assert head.blocks.shape[0] == (parts if vocab % parts == 0 else 1)
+    logits = head(h)
+    assert logits.shape == (rows, vocab) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, torch.nn.functional.linear(h, weight), rtol=1e-6, atol=1e-6)
+    assert torch.equal(logits.argmax(-1), (h @ weight.t()).argmax(-1))
+    bf16 = DecodeHead(weight.bfloat16(), parts)(h.bfloat16())
+    assert bf16.dtype == torch.float32  # bf16 weights: fp32 logits for sampling
+    torch.testing.assert_close(bf16, torch.nn.functional.linear(h.bfloat16(), weight.bfloat16()).float())
 
 
 def test_model_does_not_import_generate():
