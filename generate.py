@@ -253,7 +253,8 @@ class BatchDecoder:
             for stream, token in batch.step(): ...   # token None: the stream stopped at a stop id
     """
 
-    def __init__(self, model: SmolLM2DeepSeek, max_batch: int = 16, attn_impl: str = "absorb", compiled_step=None):
+    def __init__(self, model: SmolLM2DeepSeek, max_batch: int = 16, attn_impl: str = "absorb", compiled_step=None,
+                 head: DecodeHead | None = None):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         if model.training:
@@ -265,8 +266,9 @@ class BatchDecoder:
         self.compiled_steps = 0  # steps that ran through it (tests, the bench)
         self.streams: list[BatchStream] = []  # row i of the cache is streams[i]
         self.cache: LatentCache | None = None
-        self.head = DecodeHead(model.lm_head.weight)  # for this decoder's life: a serving loop drops its decoder
-        # when no stream is left, so the copy never outlives a busy spell
+        # the laid-out lm_head: made for this decoder's life, or `head`, one its caller keeps for a model whose
+        # weights do not change (serve.Batcher: one per served model)
+        self.head = head if head is not None else DecodeHead(model.lm_head.weight)
         self.first_moe = model.config.first_k_dense_replace
 
     def _reserve(self, rows: int, length: int) -> None:

@@ -318,10 +318,13 @@ class Batcher:
     next step; a finished or cancelled one leaves without stalling the others; beyond max_batch streams a new one
     waits for a free row (first come, first served). Each stream keeps its own temperature, top-k, budget, stop ids
     and generator (settings["seed"]). A failing prefill ends only its stream, a failing step only the streams in it.
-    The thread and its BatchDecoder (and cache) exist only while there are streams."""
+    The thread and its BatchDecoder (and cache) exist only while there are streams; the laid-out lm_head
+    (generate.DecodeHead, ~0.1 s to make for the shipped model) is made by the first and kept, since a served
+    model's weights never change, so a visitor arriving at an idle Space does not wait for it."""
 
     def __init__(self, model, max_batch: int = MAX_BATCH):
         self.model, self.max_batch = model, max_batch
+        self.head = None  # the DecodeHead every BatchDecoder of this Batcher shares
         self.compiled_step = None  # set by Engine's warm-up once a compiled one-stream step has proved faster
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # a hosting thread (serve_forever) waits here for streams
@@ -382,7 +385,8 @@ class Batcher:
     def _loop(self):
         decoder = None
         try:
-            decoder = BatchDecoder(self.model, self.max_batch)
+            decoder = BatchDecoder(self.model, self.max_batch, head=self.head)
+            self.head = decoder.head
             while True:
                 for stream in [s for s in decoder.streams if s.owner.cancelled]:
                     decoder.leave(stream)

@@ -9,7 +9,7 @@ The caches are filled synthetically (random latents, keys and states: what a ste
 they hold), then each model takes `--steps` one-token steps, each timed alone (wall clock and process CPU time);
 the median is reported. A step is what a decoding loop does per token: the model over one token with its cache,
 then the logits of that token. Ours steps as generate.Decoder does (absorbed MLA, "direct" experts, the KDA
-recurrent form); transformers' as generate does (its DynamicCache, which concatenates each new entry).
+recurrent form, its DecodeHead); transformers' as generate does (its DynamicCache, which concatenates each new entry).
 Only ratios within one run mean anything; the machine's load is recorded beside them.
 """
 import argparse
@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import REFERENCE, ModelConfig, SmolLM2DeepSeek, cpu_model  # noqa: E402
+from generate import DecodeHead  # noqa: E402
 from model import LatentCache  # noqa: E402
 
 LIN, FULL = "linear_attention", "full_attention"
@@ -64,13 +65,13 @@ def ours_row(model: SmolLM2DeepSeek, context: int, steps: int) -> dict:
     cache.conv.normal_(generator=gen)
     cache.state.normal_(0, 0.1, generator=gen)
     bytes_at_context = LatentCache(cfg, 1, context, "meta", torch.float32).nbytes()
-    head = model.lm_head.weight.detach().t().contiguous()
+    head = DecodeHead(model.lm_head.weight)
     pos = [context]
     token = torch.tensor([[1]])
 
     def step():
         h = model.hidden_states(token, cache, pos[0], attn_impl="absorb", expert_impl="direct")
-        token[0, 0] = int((h[0, -1] @ head).argmax())
+        token[0, 0] = int(head(h[:, -1]).argmax())
         pos[0] += 1
 
     with torch.inference_mode():

@@ -355,6 +355,12 @@ def test_a_cancelled_stream_gives_its_row_to_a_waiting_one(engine, monkeypatch):
     first_id = first["ids"][0]
     assert sum(streams == [first_id] for streams in gate.log) <= 3  # it stopped soon after, not after 40 tokens
     assert len(gate.log) < 40
+    # a later busy spell (the loop ended when its streams did) gets a new decoder but the same laid-out lm_head
+    head = engine.batcher.head
+    assert head is not None
+    gate.steps(10)
+    assert_matches_solo(list(engine.tokens(second["ids"], second)), solo(engine, second["ids"], second))
+    assert engine.batcher.head is head
 
 
 def test_bad_input_or_a_failure_in_one_stream_never_disturbs_another(engine, monkeypatch):
