@@ -176,11 +176,13 @@ class Decoder:
     """Streams tokens from a model. Holds what speeds decoding up for this model (the laid-out lm_head, the compiled
     step), so the model itself keeps no decoding state; make a new Decoder after its weights change."""
 
-    def __init__(self, model: SmolLM2DeepSeek, compile: bool = False, attn_impl: str = "absorb"):
+    def __init__(self, model: SmolLM2DeepSeek, compile: bool = False, attn_impl: str = "absorb",
+                 head: DecodeHead | None = None):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.model, self.attn_impl = model, attn_impl
-        self.head = DecodeHead(model.lm_head.weight)  # a copy: a new Decoder after the weights change
+        # a copy (a new Decoder after the weights change), or `head`: one its caller keeps for fixed weights
+        self.head = head if head is not None else DecodeHead(model.lm_head.weight)
         self.compiled_step = compile_step(model, attn_impl) if compile else None
 
     @torch.inference_mode()

@@ -27,7 +27,7 @@ from collections import deque
 
 import torch
 
-from generate import BatchDecoder, compile_step, generate, has_cxx_compiler
+from generate import BatchDecoder, DecodeHead, Decoder, compile_step, has_cxx_compiler
 from model import LatentCache, SmolLM2DeepSeek
 
 ROOT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -319,12 +319,12 @@ class Batcher:
     waits for a free row (first come, first served). Each stream keeps its own temperature, top-k, budget, stop ids
     and generator (settings["seed"]). A failing prefill ends only its stream, a failing step only the streams in it.
     The thread and its BatchDecoder (and cache) exist only while there are streams; the laid-out lm_head
-    (generate.DecodeHead, ~0.1 s to make for the shipped model) is made by the first and kept, since a served
-    model's weights never change, so a visitor arriving at an idle Space does not wait for it."""
+    (generate.DecodeHead, `head`: the Engine's, else one of its own) is kept, so a visitor arriving at an idle
+    Space does not wait for it."""
 
-    def __init__(self, model, max_batch: int = MAX_BATCH):
+    def __init__(self, model, max_batch: int = MAX_BATCH, head: DecodeHead | None = None):
         self.model, self.max_batch = model, max_batch
-        self.head = None  # the DecodeHead every BatchDecoder of this Batcher shares
+        self.head = head if head is not None else DecodeHead(model.lm_head.weight)
         self.compiled_step = None  # set by Engine's warm-up once a compiled one-stream step has proved faster
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)  # a hosting thread (serve_forever) waits here for streams
@@ -386,7 +386,6 @@ class Batcher:
         decoder = None
         try:
             decoder = BatchDecoder(self.model, self.max_batch, head=self.head)
-            self.head = decoder.head
             while True:
                 for stream in [s for s in decoder.streams if s.owner.cancelled]:
                     decoder.leave(stream)
@@ -490,6 +489,7 @@ class Engine:
         self.admission = Admission(workers, max_waiting)
         self.batcher = None  # set once the model is loaded (batching=True)
         self.streams_started = 0  # counted for tests and the bench
+        self.head = None  # the DecodeHead every decode loop shares (set once the model is loaded)
         self.stopping: set[str] = set()  # sessions whose Stop button was pressed during their stream
         self.running: dict[str, str] = {}  # session -> the kind of its stream ("generate" / "chat")
         self.end_of_turn = None  # a chat model's end-of-turn token id (set below when its tokenizer has a template)
@@ -522,7 +522,10 @@ class Engine:
             # end-of-turn token; a base model continues the plain transcript
             end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if self.tokenizer.chat_template else None
             self.end_of_turn = end if isinstance(end, int) and end != self.tokenizer.unk_token_id else None
-            self.batcher = Batcher(self.model, max_batch) if batching else None
+            # the laid-out lm_head every decode loop of this engine shares (~0.1 s to make for the shipped model;
+            # a served model's weights never change, so one copy serves every stream and busy spell)
+            self.head = DecodeHead(self.model.lm_head.weight)
+            self.batcher = Batcher(self.model, max_batch, head=self.head) if batching else None
             if compile_decoding and batching:
                 if has_cxx_compiler():
                     self.compiled = {"state": "compiling"}
@@ -725,9 +728,10 @@ class Engine:
             gen = self.batcher.stream(ids, settings)
         else:
             seed = settings.get("seed")
-            gen = generate(self.model, ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"],
-                           top_k=settings["top_k"], return_routing=True, eos_token_id=settings.get("stop", -1),
-                           generator=None if seed is None else torch.Generator().manual_seed(seed))
+            gen = Decoder(self.model, head=self.head).stream(
+                ids, max_new_tokens=settings["max_new"], temperature=settings["temperature"], top_k=settings["top_k"],
+                return_routing=True, eos_token_id=settings.get("stop", -1),
+                generator=None if seed is None else torch.Generator().manual_seed(seed))
         text = TextAssembler(self.tokenizer)
         try:
             for step in gen:

@@ -93,7 +93,7 @@ def set_mode(engine, mode, workers, max_waiting):
     import serve
 
     batch = mode["batch"]
-    engine.batcher = serve.Batcher(engine.model, batch) if batch else None
+    engine.batcher = serve.Batcher(engine.model, batch, head=engine.head) if batch else None
     if mode.get("compiled"):
         engine.batcher.compiled_step = engine.compiled_step
     engine.admission = serve.Admission(batch or workers, max_waiting)

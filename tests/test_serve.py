@@ -419,7 +419,13 @@ def test_per_stream_engine_keeps_its_own_loops_and_seeds(engine, monkeypatch):
     monkeypatch.setattr(engine, "batcher", None)
     settings, _ = engine.prepare("The law of demand", 1.0, 0, 6)
     settings["seed"] = 21
-    assert_matches_solo(list(engine.tokens(settings["ids"], settings)), solo(engine, settings["ids"], settings))
+    made = []  # DecodeHeads laid out while the stream runs: none, it uses the engine's
+    real_init = generate_module.DecodeHead.__init__
+    monkeypatch.setattr(generate_module.DecodeHead, "__init__",
+                        lambda head, *args, **kwargs: made.append(1) or real_init(head, *args, **kwargs))
+    streamed = list(engine.tokens(settings["ids"], settings))
+    assert made == [] and engine.head is not None
+    assert_matches_solo(streamed, solo(engine, settings["ids"], settings))
 
 
 @pytest.mark.skipif(not generate_module.has_cxx_compiler(), reason="torch.compile's CPU backend needs a C++ compiler")
