@@ -24,6 +24,8 @@ import torch
 from model import LatentCache, SmolLM2DeepSeek
 
 ATTN_IMPLS = ("naive", "absorb")
+
+
 class DecodeHead:
     """The lm_head laid out for decode steps: logits [B, V] for B hidden states, the one matmul of a step that reads a
     large weight (V x d). Measured on 2-core EPYCs at V 49152 (x @ W^T, as F.linear does, runs ~3.5x slower than

@@ -51,7 +51,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         if dtype == torch.float32 and self.weight.dtype == torch.float32:
             # the same arithmetic in one call (bitwise equal, gradients too): a decode step runs 13 of these, and
-            # each of the five calls it replaces costs more in dispatch than in arithmetic
+            # each of the six calls it replaces costs more in dispatch than in arithmetic
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
